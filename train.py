@@ -1,0 +1,19 @@
+"""Train one model: `python train.py aug=cutmix smoothing=0.1` (see conf/ for every option)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vitexp.config import register_schemas
+from vitexp.engine import main as run_main
+
+register_schemas()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the test accuracy so sweepers can read it."""
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Batched augmentation on the training device: crop/flip, normalise, Cutout/Mixup/CutMix, label smoothing.
+
+Everything takes a whole batch and uses tensor ops only (no Python loop over samples), drawing from
+generators the trainer owns and checkpoints, so a resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitexp.config import AugConfig, CutMixConfig, CutoutConfig, DataConfig, MixupConfig
+
+
+def sample_crop_boxes(
+    n: int, size: int, scale: tuple[float, float], ratio: tuple[float, float], gen: torch.Generator, tries: int = 10
+) -> torch.Tensor:
+    """Random-resized-crop boxes (x0, y0, w, h) in pixels, as torchvision's RandomResizedCrop draws them.
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of `tries` candidates that fits
+    is kept, and a sample with none that fits gets the whole image (torchvision's fallback for a square).
+    """
+    device = gen.device
+    area = torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=gen) * size * size
+    log_ratio = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_ratio)
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    fits = (w <= size) & (h <= size) & (w >= 1) & (h >= 1)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    any_fits = fits.any(dim=1)
+    w = torch.where(any_fits, w.gather(1, first).squeeze(1), torch.full_like(w[:, 0], size))
+    h = torch.where(any_fits, h.gather(1, first).squeeze(1), torch.full_like(h[:, 0], size))
+    u = torch.rand(n, 2, device=device, generator=gen)
+    x0 = torch.floor(u[:, 0] * (size - w + 1))
+    y0 = torch.floor(u[:, 1] * (size - h + 1))
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def crop_flip_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Crop each image to its box, mirror where `flip`, and resize to `out_size` (bilinear) in one grid_sample."""
+    n, _, height, width = images.shape
+    x0, y0, w, h = boxes.unbind(1)
+    scale_x, scale_y = w / width, h / height
+    shift_x = (2 * x0 + w) / width - 1
+    shift_y = (2 * y0 + h) / height - 1
+    scale_x = torch.where(flip, -scale_x, scale_x)
+    zeros = torch.zeros_like(scale_x)
+    theta = torch.stack([torch.stack([scale_x, zeros, shift_x], 1), torch.stack([zeros, scale_y, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, [n, images.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_crop(images: torch.Tensor, out_size: int) -> torch.Tensor:
+    top = (images.shape[-2] - out_size) // 2
+    left = (images.shape[-1] - out_size) // 2
+    return images[..., top : top + out_size, left : left + out_size]
+
+
+def box_masks(
+    centers_y: torch.Tensor,
+    centers_x: torch.Tensor,
+    half_h: torch.Tensor,
+    half_w: torch.Tensor,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (..., H, W) masks of boxes [c - half, c + half) clipped to the image, and their pixel areas."""
+    rows = torch.arange(height, device=centers_y.device)
+    cols = torch.arange(width, device=centers_x.device)
+    y1, y2 = (centers_y - half_h).clamp(0, height), (centers_y + half_h).clamp(0, height)
+    x1, x2 = (centers_x - half_w).clamp(0, width), (centers_x + half_w).clamp(0, width)
+    in_rows = (rows >= y1[..., None]) & (rows < y2[..., None])
+    in_cols = (cols >= x1[..., None]) & (cols < x2[..., None])
+    return in_rows[..., :, None] & in_cols[..., None, :], (y2 - y1) * (x2 - x1)
+
+
+def cutout(images: torch.Tensor, n_holes: int, length: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero `n_holes` squares of side `length` (clipped at the border) in each sample with probability `p`."""
+    n, _, height, width = images.shape
+    device = images.device
+    cy = torch.randint(0, height, (n, n_holes), device=device, generator=gen)
+    cx = torch.randint(0, width, (n, n_holes), device=device, generator=gen)
+    half = torch.full_like(cy, length // 2)
+    holes, _ = box_masks(cy, cx, half, half, height, width)
+    applied = torch.rand(n, device=device, generator=gen) < p
+    mask = holes.any(dim=1) & applied[:, None, None]
+    return images.masked_fill(mask[:, None], 0.0)
+
+
+def mixup(
+    images: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convex combination of each sample with its partner `perm[i]`, images and soft targets alike."""
+    return images.lerp(images[perm], 1 - lam), targets.lerp(targets[perm], 1 - lam)
+
+
+def cutmix(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lam: torch.Tensor,
+    applied: torch.Tensor,
+    perm: torch.Tensor,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste a box of area ~(1 - lam) from partner `perm[i]` into sample i where `applied`.
+
+    The box is clipped at the border, so the label weight is recomputed from the pasted area:
+    lam_i = 1 - area_i / (H * W) (1 where not applied). Returns images, targets and those lam_i.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+    cut = torch.sqrt(1 - lam)
+    half_h, half_w = torch.floor(height * cut) // 2, torch.floor(width * cut) // 2
+    cy = torch.randint(0, height, (n,), device=device, generator=gen)
+    cx = torch.randint(0, width, (n,), device=device, generator=gen)
+    boxes, area = box_masks(cy, cx, half_h, half_w, height, width)
+    boxes &= applied[:, None, None]
+    lam_true = torch.where(applied, 1 - area / (height * width), torch.ones_like(lam))
+    mixed = torch.where(boxes[:, None], images[perm], images)
+    weight = lam_true[:, None].to(targets.dtype)
+    return mixed, weight * targets + (1 - weight) * targets[perm], lam_true
+
+
+def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Label smoothing on a (possibly mixed) soft target: y' = y (1 - eps) + eps / K."""
+    return targets * (1 - epsilon) + epsilon / targets.shape[-1]
+
+
+class BatchAugment:
+    """The training-time batch pipeline: uint8 batch + labels -> normalised float images + soft targets.
+
+    Random numbers come from a torch generator on the device (crops, flips, boxes) and a NumPy generator
+    (Beta draws, which torch cannot take from a generator); both are in `state_dict` for resume.
+    """
+
+    def __init__(
+        self, data: DataConfig, aug: AugConfig, num_classes: int, smoothing: float, device: torch.device, seed: int
+    ) -> None:
+        self.data, self.aug, self.num_classes, self.smoothing = data, aug, num_classes, smoothing
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
+        return self.normalize(center_crop(images, self.data.img_size))
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, size = images.shape[0], images.shape[-1]
+        scale, ratio = self.data.crop_scale, self.data.crop_ratio
+        boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
+        flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
+        x = crop_flip_resize(self.normalize(images), boxes, flip, self.data.img_size)
+        y = F.one_hot(labels, self.num_classes).float()
+        aug = self.aug
+        if isinstance(aug, CutoutConfig):
+            x = cutout(x, aug.n_holes, aug.length, aug.p, self.gen)
+        elif isinstance(aug, MixupConfig):
+            perm = torch.randperm(n, device=images.device, generator=self.gen)
+            lam = float(self.np_rng.beta(aug.alpha, aug.alpha)) if self.np_rng.random() < aug.p else 1.0
+            x, y = mixup(x, y, lam, perm)
+        elif isinstance(aug, CutMixConfig):
+            perm = torch.randperm(n, device=images.device, generator=self.gen)
+            lam = torch.from_numpy(self.np_rng.beta(aug.alpha, aug.alpha, size=n)).float().to(images.device)
+            applied = torch.rand(n, device=images.device, generator=self.gen) < aug.p
+            x, y, _ = cutmix(x, y, lam, applied, perm, self.gen)
+        return x, smooth(y, self.smoothing)
+
+    def state_dict(self) -> dict:
+        return {"torch": self.gen.get_state(), "numpy": self.np_rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["torch"])
+        self.np_rng.bit_generator.state = state["numpy"]

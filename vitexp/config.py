@@ -1,0 +1,294 @@
+"""Typed schemas for every config group, and the range checks Hydra's types cannot express.
+
+Hydra composes `conf/` against these dataclasses, so a misspelled key or a value of the wrong type fails
+at composition. `validate` then turns the composed config into these objects and checks ranges, so
+`smoothing=1.5` fails before any data is touched, with one line naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is out of its allowed range; the message names the key."""
+
+
+Rule = tuple[str, bool, str]  # (field name, holds?, what is allowed)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+    def rules(self) -> Iterator[Rule]:
+        yield from ()
+
+
+@dataclass
+class ViTConfig(ModelConfig):
+    name: str = "vit"
+    patch_size: int = 16
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "patch_size", self.patch_size >= 1, "an integer >= 1 that divides data.img_size"
+        yield "dim", self.dim >= 1, "an integer >= 1 divisible by model.heads"
+        yield "depth", self.depth >= 1, "an integer >= 1"
+        yield "heads", self.heads >= 1 and self.dim % self.heads == 0, f"an integer >= 1 dividing model.dim={self.dim}"
+        yield "mlp_ratio", self.mlp_ratio > 0, "a float > 0"
+        yield "dropout", 0 <= self.dropout < 1, "a float in [0, 1)"
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    name: str = "resnet18"
+    pretrained: bool = False
+
+
+@dataclass
+class AugConfig:
+    """Batch-level augmentation applied on the training device after crop/flip and normalisation."""
+
+    name: str = "none"
+
+    def rules(self) -> Iterator[Rule]:
+        yield "name", self.name == "none", "none, cutout, mixup or cutmix"
+
+
+@dataclass
+class CutoutConfig(AugConfig):
+    name: str = "cutout"
+    n_holes: int = 1
+    length: int = 16
+    p: float = 1.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "n_holes", self.n_holes >= 1, "an integer >= 1"
+        yield "length", self.length >= 1, "an integer >= 1 (pixels)"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+
+@dataclass
+class MixupConfig(AugConfig):
+    name: str = "mixup"
+    alpha: float = 0.2
+    p: float = 1.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+
+@dataclass
+class CutMixConfig(AugConfig):
+    name: str = "cutmix"
+    alpha: float = 1.0
+    p: float = 0.5
+
+    def rules(self) -> Iterator[Rule]:
+        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+
+DATASETS = ("pets", "digits")
+
+
+@dataclass
+class DataConfig:
+    name: str = "pets"
+    root: str = "data"
+    download: bool = True
+    img_size: int = 224
+    crop_pct: float = 0.875  # stored images are img_size / crop_pct; eval takes the center crop
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 4
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def rules(self) -> Iterator[Rule]:
+        yield "name", self.name in DATASETS, f"one of {', '.join(DATASETS)}"
+        yield "img_size", self.img_size >= 8, "an integer >= 8"
+        yield "crop_pct", 0 < self.crop_pct <= 1, "a float in (0, 1]"
+        yield "batch_size", self.batch_size >= 1, "an integer >= 1"
+        yield "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"
+        yield "num_workers", self.num_workers >= 0, "an integer >= 0"
+        yield "val_fraction", 0 < self.val_fraction < 1, "a float in (0, 1)"
+        scale, ratio = self.crop_scale, self.crop_ratio
+        yield "crop_scale", len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "[min, max] with 0 < min <= max <= 1"
+        yield "crop_ratio", len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "[min, max] with 0 < min <= max"
+        yield "hflip", 0 <= self.hflip <= 1, "a probability in [0, 1]"
+        yield "mean", len(self.mean) == 3, "three floats (RGB)"
+        yield "std", len(self.std) == 3 and min(self.std) > 0, "three floats > 0 (RGB)"
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the square uint8 images kept before cropping (e.g. 256 for img_size 224)."""
+        return round(self.img_size / self.crop_pct)
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+    def rules(self) -> Iterator[Rule]:
+        yield "lr", self.lr > 0, "a float > 0"
+        yield "weight_decay", self.weight_decay >= 0, "a float >= 0"
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    name: str = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "[beta1, beta2] in [0, 1)"
+        yield "eps", self.eps > 0, "a float > 0"
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "momentum", 0 <= self.momentum < 1, "a float in [0, 1)"
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+
+    def rules(self) -> Iterator[Rule]:
+        yield "name", self.name in ("cosine", "none"), "cosine or none"
+        yield "warmup_epochs", self.warmup_epochs >= 0, "a float >= 0"
+        yield "min_lr", self.min_lr >= 0, "a float >= 0"
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    device: str = "auto"  # auto picks cuda when available
+    precision: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
+    accumulate: int = 1
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    max_nonfinite: int = 10
+    log_every: int = 50  # steps between plain log lines when not on a terminal
+    deterministic: bool = False
+
+    def rules(self) -> Iterator[Rule]:
+        yield "epochs", self.epochs >= 1, "an integer >= 1"
+        yield (
+            "device",
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "auto, cpu, cuda or cuda:N",
+        )
+        yield "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"
+        yield "accumulate", self.accumulate >= 1, "an integer >= 1"
+        yield "clip_grad_norm", self.clip_grad_norm >= 0, "a float >= 0 (0 disables)"
+        yield "max_nonfinite", self.max_nonfinite >= 1, "an integer >= 1"
+        yield "log_every", self.log_every >= 1, "an integer >= 1"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "vitexp"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online falls back to offline when W&B cannot be reached
+    init_timeout: float = 30.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "name", self.name in ("wandb", "none"), "wandb or none"
+        yield "mode", self.mode in ("online", "offline", "disabled"), "online, offline or disabled"
+        yield "init_timeout", self.init_timeout > 0, "seconds > 0"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    aug: AugConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    sched: SchedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    smoothing: float = 0.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
+        size, model = self.data.img_size, self.model
+        if isinstance(model, ViTConfig):
+            yield "model.patch_size", size % model.patch_size == 0, f"a divisor of data.img_size={size}"
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"vit": ViTConfig, "resnet18": ResNetConfig},
+    "aug": {"none": AugConfig, "cutout": CutoutConfig, "mixup": MixupConfig, "cutmix": CutMixConfig},
+    "data": {"data": DataConfig},
+    "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
+    "sched": {"sched": SchedConfig},
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_schemas() -> None:
+    """Store the schemas so `conf/<group>/*.yaml` can extend them (`defaults: [/schema/<group>/<name>@_here_]`)."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
+
+
+def _format(value: Any) -> str:
+    return str(list(value)) if isinstance(value, list) else repr(value)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check every range rule and return the typed config; raise ConfigError naming the first bad key."""
+    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    for prefix, node in [("", typed)] + [(f"{f.name}.", getattr(typed, f.name)) for f in dataclasses.fields(typed)]:
+        if not hasattr(node, "rules"):
+            continue
+        for key, holds, allowed in node.rules():
+            if not holds:
+                full_key = key if "." in key else prefix + key
+                value = OmegaConf.select(cfg, full_key)
+                raise ConfigError(f"{full_key}={_format(value)} is not allowed: expected {allowed}")
+    return typed

@@ -1,0 +1,467 @@
+"""The training run: build data, augmentation, model and optimizer from the config, train, test, save.
+
+A plain PyTorch loop. Checkpoints (`last.pt` every epoch, `best.pt` on validation accuracy) hold every
+piece of state, so a run started again in the same directory continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from vitexp import checkpoint
+from vitexp.augment import BatchAugment
+from vitexp.config import Config, ConfigError, validate
+from vitexp.data import EpochOrder, build_splits, make_loader
+from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
+from vitexp.metrics import EvalMeter, RunningMeans
+from vitexp.models import build_model, count_parameters, param_groups
+
+log = logging.getLogger("vitexp")
+
+GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
+# Keys that change how a run is executed or reported, not what it computes: a relaunch may change them.
+VOLATILE_KEYS = ("logger", "data.root", "data.num_workers", "data.download", "trainer.log_every", "trainer.device")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the run stops before any NaN weight is saved."""
+
+
+class RunConflictError(RuntimeError):
+    """The run directory holds work of a different config; refusing to mix them."""
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # micro-batches of that epoch already trained
+    step: int = 0  # optimizer steps applied
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    nonfinite_streak: int = 0
+    nonfinite_total: int = 0
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} is not allowed: no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32: bf16 where the GPU has it, else fp16; CPU runs fp32 by default."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 is not allowed on CPU: use fp32 or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def semantic_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without VOLATILE_KEYS: what must match for two runs to be the same experiment."""
+    clean = json.loads(json.dumps(config))
+    for key in VOLATILE_KEYS:
+        *parents, leaf = key.split(".")
+        node = clean
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return clean
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(semantic_config(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, for an error a user can act on."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """One run in one directory: `fit()` trains (resuming if `last.pt` is there), tests and writes results."""
+
+    def __init__(self, cfg: Config, run_dir: Path, config: dict[str, Any], choices: dict[str, str]) -> None:
+        self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
+        self.hash = config_hash(config)
+        self.device = select_device(cfg.trainer.device)
+        self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        checkpoint.seed_everything(cfg.seed)
+
+        data = cfg.data
+        self.splits = build_splits(data)
+        self.num_classes = self.splits.num_classes
+        pin = self.device.type == "cuda"
+        micro_batches = len(self.splits.train) // data.batch_size // cfg.trainer.accumulate * cfg.trainer.accumulate
+        if micro_batches == 0:
+            raise ConfigError(
+                f"data.batch_size={data.batch_size} x trainer.accumulate={cfg.trainer.accumulate} is more than the "
+                f"{len(self.splits.train)} training images: lower them"
+            )
+        self.order = EpochOrder(len(self.splits.train), data.batch_size, micro_batches, seed=cfg.seed)
+        self.train_loader = make_loader(self.splits.train, data.batch_size, data, self.order, pin)
+        self.val_loader = make_loader(self.splits.val, data.eval_batch_size, data, None, pin)
+        self.test_loader = make_loader(self.splits.test, data.eval_batch_size, data, None, pin)
+        self.steps_per_epoch = micro_batches // cfg.trainer.accumulate
+
+        self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
+        torch.manual_seed(cfg.seed)  # the same initial weights whatever the data or augmentation
+        self.model = build_model(cfg.model, self.num_classes, data.img_size).to(self.device)
+        self.channels_last = cfg.trainer.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.params = count_parameters(self.model)
+
+        self.optimizer = self._build_optimizer()
+        total = self.steps_per_epoch * cfg.trainer.epochs
+        warmup = round(cfg.sched.warmup_epochs * self.steps_per_epoch) if cfg.sched.name == "cosine" else 0
+        min_ratio = cfg.sched.min_lr / cfg.optim.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            (lambda s: lr_factor(s, warmup, total, min_ratio)) if cfg.sched.name == "cosine" else (lambda s: 1.0),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.train_means = RunningMeans(self.device)
+        self.progress = Progress()
+        self.stop_requested = False  # set from a signal handler; honoured at the next step boundary
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.cfg.optim
+        groups = param_groups(self.model, optim.weight_decay)
+        fused = self.device.type == "cuda"
+        if optim.name == "adamw":
+            return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=fused)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "train_means": self.train_means.state_dict(),
+            "augment": self.augment.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "config": self.config,
+            "config_hash": self.hash,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.train_means.load_state_dict(state["train_means"])
+        self.augment.load_state_dict(state["augment"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def check_same_config(self, stored: dict[str, Any], what: Path) -> None:
+        if config_hash(stored) != self.hash:
+            diff = "; ".join(config_diff(semantic_config(stored), semantic_config(self.config))[:5])
+            raise RunConflictError(f"{what} was made with a different config ({diff}); use another run directory")
+
+    def resume(self) -> bool:
+        """Load `last.pt` if present; a corrupt or foreign one is an error, never silently ignored."""
+        if not self.last_path.exists():
+            return False
+        state = checkpoint.load(self.last_path)
+        self.check_same_config(state["config"], self.last_path)
+        self.load_state_dict(state)
+        self.logger.truncate_after(self.progress.epoch)
+        log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
+        return True
+
+    # --- training ------------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Train the rest of `epoch`; return False if stopped early by a stop request."""
+        trainer = self.cfg.trainer
+        self.model.train()
+        self.order.set_position(epoch, self.progress.batch)
+        window_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch + 1}/{trainer.epochs}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+            initial=self.progress.batch,
+            total=self.order.batches_per_epoch,
+        )
+        for images, labels in bar:
+            images, labels = self.to_device(images, labels)
+            inputs, targets = self.augment(images, labels)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                logits = self.forward(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+            finite = torch.isfinite(loss)
+            window_finite &= finite
+            self.scaler.scale(torch.where(finite, loss, 0.0) / trainer.accumulate).backward()
+            self.train_means.update(loss, logits, targets, finite)
+            self.progress.batch += 1
+            if self.progress.batch % trainer.accumulate == 0:
+                self.optimizer_step(bool(window_finite))
+                window_finite.fill_(True)
+                if self.progress.step % trainer.log_every == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{self.train_means.compute()['loss']:.3f}")
+                elif self.progress.step % trainer.log_every == 0:
+                    log.info(
+                        "epoch %d step %d/%d train loss %.4f lr %.2e",
+                        epoch + 1,
+                        self.progress.batch // trainer.accumulate,
+                        self.steps_per_epoch,
+                        self.train_means.compute()["loss"],
+                        self.scheduler.get_last_lr()[0],
+                    )
+                if self.stop_requested and self.progress.batch < self.order.batches_per_epoch:
+                    return False
+        return True
+
+    def optimizer_step(self, finite: bool) -> None:
+        """Apply the accumulated gradients, or skip them when any loss in the window was non-finite."""
+        trainer = self.cfg.trainer
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.nonfinite_streak += 1
+            self.progress.nonfinite_total += 1
+            log.warning(
+                "non-finite loss at epoch %d step %d: step skipped (%d in a row)",
+                self.progress.epoch + 1,
+                self.progress.step,
+                self.progress.nonfinite_streak,
+            )
+            if self.progress.nonfinite_streak >= trainer.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"loss was non-finite for {self.progress.nonfinite_streak} consecutive steps (trainer.max_nonfinite="
+                    f"{trainer.max_nonfinite}); stopping without saving NaN weights. Try a lower optim.lr or "
+                    "trainer.clip_grad_norm, or trainer.precision=fp32"
+                )
+            return
+        self.progress.nonfinite_streak = 0
+        if trainer.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+
+    @torch.inference_mode()
+    def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        self.model.eval()
+        meter = EvalMeter(self.num_classes, self.device)
+        for images, labels in loader:
+            images, labels = self.to_device(images, labels)
+            inputs = self.augment.eval_batch(images)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                logits = self.forward(inputs)
+            meter.update(logits, labels)
+        return meter.compute()
+
+    def save_last(self) -> None:
+        checkpoint.save(self.last_path, self.state_dict())
+
+    def fit(self, logger: RunLogger) -> dict[str, Any]:
+        self.logger = logger
+        started = time.perf_counter()
+        log.info(
+            "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s",
+            self.choices.get("model", self.cfg.model.name),
+            f"{self.params:,}",
+            len(self.splits.train),
+            len(self.splits.val),
+            len(self.splits.test),
+            self.device,
+            str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
+        )
+        self.resume()
+        train_time = train_images = 0.0
+        epoch_times = []
+        for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
+            epoch_start, start_batch = time.perf_counter(), self.progress.batch
+            if not self.train_epoch(epoch):
+                self.save_last()
+                log.info("stopped at epoch %d batch %d; checkpoint saved", epoch + 1, self.progress.batch)
+                return {}
+            seconds = time.perf_counter() - epoch_start
+            train_time += seconds
+            train_images += (self.progress.batch - start_batch) * self.cfg.data.batch_size
+            epoch_times.append(seconds)
+            row = self.end_epoch(epoch, seconds)
+            logger.log_epoch(row)
+            self.save_last()
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
+                epoch + 1,
+                self.cfg.trainer.epochs,
+                row["train/loss"],
+                row["train/acc"],
+                row["val/loss"],
+                row["val/acc"],
+                seconds,
+            )
+        return self.finish(logger, time.perf_counter() - started, train_images / max(train_time, 1e-9), epoch_times)
+
+    def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+        train = self.train_means.compute()
+        val = self.evaluate(self.val_loader)
+        self.train_means.reset()
+        self.progress.epoch, self.progress.batch = epoch + 1, 0
+        if val["acc"] > self.progress.best_acc:
+            self.progress.best_acc, self.progress.best_epoch = val["acc"], epoch + 1
+            checkpoint.save(
+                self.best_path,
+                {"model": self.model.state_dict(), "epoch": epoch + 1, "val": val, "config": self.config},
+            )
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress.step, "lr": self.scheduler.get_last_lr()[0]}
+        row |= {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
+        row |= {"epoch_time_s": seconds, "nonfinite_steps": self.progress.nonfinite_total}
+        return row
+
+    def finish(self, logger: RunLogger, wall: float, img_per_s: float, epoch_times: list[float]) -> dict[str, Any]:
+        best = checkpoint.load(self.best_path)
+        self.model.load_state_dict(best["model"])
+        test = self.evaluate(self.test_loader)
+        rows = read_jsonl(logger.metrics_path)
+        results = {
+            "test": test,
+            "best_epoch": best["epoch"],
+            "best_val": best["val"],
+            "params": self.params,
+            "epochs": self.cfg.trainer.epochs,
+            "wall_time_s": wall,
+            "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / max(len(rows), 1),
+            "train_img_per_s": img_per_s if epoch_times else None,
+            "nonfinite_steps": self.progress.nonfinite_total,
+            "choices": self.choices,
+            "smoothing": self.cfg.smoothing,
+            "seed": self.cfg.seed,
+            "device": str(self.device),
+            "config_hash": self.hash,
+        }
+        write_json(self.run_dir / RESULTS_FILE, results)
+        logger.log_results(results)
+        log.info(
+            "test (best epoch %d): acc %.4f  acc5 %.4f  f1 %.4f  ece %.4f  nll %.4f",
+            best["epoch"],
+            test["acc"],
+            test["acc5"],
+            test["f1"],
+            test["ece"],
+            test["loss"],
+        )
+        return results
+
+
+def finished_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The results of a finished run in `run_dir` with this config; refuse one with another config."""
+    path = run_dir / RESULTS_FILE
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    if results.get("config_hash") != config_hash(config):
+        raise RunConflictError(f"{run_dir} already holds a finished run of a different config; use another directory")
+    return results
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], name: str = "") -> dict[str, Any]:
+    """Validate, then train and test in `run_dir`; a finished run there is returned, not redone.
+
+    `choices` are the chosen group options (model=vit_tiny ...); `name` names the W&B run.
+    """
+    typed = validate(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    done = finished_results(run_dir, config)
+    if done is not None:
+        log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(typed, run_dir, config, choices)
+    wandb_config = config | {f"{group}_config": config[group] for group in ("model", "aug", "data")}
+    wandb_config |= {group: choices.get(group, config[group]["name"]) for group in ("model", "aug", "data")}
+    wandb_config["params"] = trainer.params
+    name = name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
+    logger = RunLogger(typed.logger, run_dir, wandb_config, name=name, job_type=choices.get("model", typed.model.name))
+    try:
+        results = trainer.fit(logger)
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish(exit_code=0)
+    return results
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task: one run in Hydra's output directory. Config errors end it with one line, exit status 2."""
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = HydraConfig.get().runtime
+    choices = {group: str(runtime.choices[group]) for group in GROUPS if group in runtime.choices}
+    try:
+        results = run(cfg, Path(runtime.output_dir), choices, name=",".join(HydraConfig.get().overrides.task))
+    except (ConfigError, RunConflictError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return float(results["test"]["acc"]) if results else float("nan")

@@ -1,0 +1,121 @@
+"""Where a run's numbers go: `metrics.jsonl` and `results.json` in the run directory, and W&B when enabled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from vitexp.checkpoint import atomic_write
+from vitexp.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+WANDB_ID_FILE = "wandb_id"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda file: file.write(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLogger:
+    """Per-epoch rows to `metrics.jsonl` (and W&B), final results to `results.json` (and the W&B summary).
+
+    W&B problems never cost the run: without an API key or a reachable server the run is logged
+    offline, with one warning line giving the `wandb sync` command to upload it later.
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str, job_type: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        self.wandb_run = None
+        if cfg.name == "wandb" and cfg.mode != "disabled":
+            self.wandb_run = self._init_wandb(config, name, job_type)
+
+    def _init_wandb(self, config: dict[str, Any], name: str, job_type: str) -> Any:
+        import wandb
+
+        id_file = self.run_dir / WANDB_ID_FILE
+        if not id_file.exists():  # saved before init so a resumed run continues the same W&B run
+            atomic_write(id_file, lambda file: file.write(wandb.util.generate_id().encode()))
+        run_id = id_file.read_text().strip()
+        kwargs = dict(
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            group=self.cfg.group,
+            tags=list(self.cfg.tags),
+            name=name,
+            job_type=job_type,
+            config=config,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            settings=wandb.Settings(init_timeout=self.cfg.init_timeout, console="off", silent=True),
+        )
+        mode = self.cfg.mode
+        if mode == "online" and not _wandb_api_key_available():
+            reason = "no W&B API key is configured"
+        elif mode == "online":
+            try:
+                return wandb.init(mode="online", **kwargs)
+            except Exception as err:  # any failure to reach W&B: network, auth, timeout
+                reason = f"W&B is unreachable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                wandb.teardown()
+        else:
+            return wandb.init(mode=mode, **kwargs)
+        run = wandb.init(mode="offline", **kwargs)
+        log.warning("%s; logging offline. Upload later with: wandb sync %s", reason, Path(run.dir).parent)
+        return run
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows of epochs after `epoch` (written before a crash that the checkpoint does not cover)."""
+        rows = [row for row in read_jsonl(self.metrics_path) if row["epoch"] <= epoch]
+        atomic_write(self.metrics_path, lambda file: file.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=row["epoch"]
+            )
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(_flatten(results))
+
+    def finish(self, exit_code: int) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+
+def _wandb_api_key_available() -> bool:
+    import wandb
+
+    try:
+        return bool(wandb.Api().api_key)
+    except Exception:
+        return bool(os.environ.get("WANDB_API_KEY"))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

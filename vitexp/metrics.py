@@ -1,0 +1,84 @@
+"""Evaluation metrics (torchmetrics) and the on-device running means of the training loop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+
+def eval_metrics(num_classes: int) -> MetricCollection:
+    """Top-1/top-5 accuracy, macro precision/recall/F1, ECE (15 bins), NLL and mean confidence.
+
+    Macro averages skip classes absent from both predictions and labels, so a partial dataset is not
+    penalised for classes it does not contain. `validate_args=False` keeps updates free of GPU syncs.
+    """
+    common = {"num_classes": num_classes, "validate_args": False}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(top_k=1, average="micro", **common),
+            "acc5": MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **common),
+            "precision": MulticlassPrecision(average="macro", **common),
+            "recall": MulticlassRecall(average="macro", **common),
+            "f1": MulticlassF1Score(average="macro", **common),
+            "ece": MulticlassCalibrationError(n_bins=15, norm="l1", **common),
+        }
+    )
+
+
+class EvalMeter:
+    """Accumulates logits/labels of an evaluation pass; `compute` returns plain floats, one sync."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.metrics = eval_metrics(num_classes).to(device)
+        self.nll = MeanMetric().to(device)
+        self.confidence = MeanMetric().to(device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
+        self.metrics.update(probs, labels)
+        self.nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        self.confidence.update(probs.max(dim=-1).values)
+
+    def compute(self) -> dict[str, float]:
+        values = {name: float(value) for name, value in self.metrics.compute().items()}
+        values["loss"] = float(self.nll.compute())  # plain CE on hard labels: comparable across smoothing
+        values["confidence"] = float(self.confidence.compute())
+        return values
+
+
+class RunningMeans:
+    """Sums kept on the device so the training loop never waits for the GPU to read a number."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss*n, correct, n
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add a batch; accuracy is against the dominant class of the (possibly mixed) target. Skipped if not finite."""
+        n = logits.shape[0] * finite.double()
+        correct = (logits.argmax(-1) == targets.argmax(-1)).sum() * finite
+        self.sums[0] += torch.where(finite, loss.detach().double(), 0.0) * n
+        self.sums[1] += correct
+        self.sums[2] += n
+
+    def compute(self) -> dict[str, float]:
+        loss_sum, correct, n = self.sums.tolist()
+        return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].to(self.device)
