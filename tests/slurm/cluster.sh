@@ -119,6 +119,8 @@ SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-10}
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$CTLD_SPOOL
@@ -151,7 +153,8 @@ InactiveLimit=0
 KillWait=30
 MinJobAge=300
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# schedule often so short test jobs / requeued jobs start within seconds
+SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
 MpiDefault=none
 $overrides
 $node_line RealMemory=$mem State=UNKNOWN

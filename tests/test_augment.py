@@ -1,0 +1,151 @@
+"""The maths of the batched augmentations: exact pixels, exact lambdas, targets that sum to one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import RandomResizedCrop
+
+from vitexp.augment import (
+    BatchAugment,
+    box_masks,
+    center_crop,
+    crop_flip_resize,
+    cutmix,
+    cutout,
+    mixup,
+    sample_crop_boxes,
+    smooth,
+)
+from vitexp.config import CutMixConfig, CutoutConfig, DataConfig, MixupConfig
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_cutout_zeroes_exactly_the_expected_pixels() -> None:
+    images = torch.rand(6, 3, 20, 24) + 1  # no pixel is zero before cutout
+    n_holes, length = 2, 7
+    out = cutout(images, n_holes, length, p=1.0, gen=gen(3))
+    g = gen(3)  # replay the same draws to build the expected mask by hand
+    cy = torch.randint(0, 20, (6, n_holes), generator=g)
+    cx = torch.randint(0, 24, (6, n_holes), generator=g)
+    expected = torch.zeros(6, 20, 24, dtype=torch.bool)
+    for i in range(6):
+        for k in range(n_holes):
+            y0, y1 = max(0, cy[i, k] - length // 2), min(20, cy[i, k] + length // 2)
+            x0, x1 = max(0, cx[i, k] - length // 2), min(24, cx[i, k] + length // 2)
+            expected[i, y0:y1, x0:x1] = True
+    assert torch.equal(out == 0, expected[:, None].expand_as(out))
+    assert torch.equal(out[~expected[:, None].expand_as(out)], images[~expected[:, None].expand_as(out)])
+
+
+def test_cutout_probability_zero_leaves_images_untouched() -> None:
+    images = torch.rand(8, 3, 16, 16)
+    assert torch.equal(cutout(images, 3, 8, p=0.0, gen=gen()), images)
+
+
+def test_mixup_mixes_images_and_targets_with_the_same_lambda() -> None:
+    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    targets = F.one_hot(labels, 10).float()
+    perm = torch.tensor([4, 3, 2, 1, 0])
+    x, y = mixup(images, targets, 0.3, perm)
+    assert torch.allclose(x, 0.3 * images + 0.7 * images[perm])
+    assert torch.allclose(y.sum(1), torch.ones(5))
+    assert y[0, 0] == pytest.approx(0.3) and y[0, 4] == pytest.approx(0.7)
+
+
+def test_cutmix_lambda_is_one_minus_pasted_area_per_sample() -> None:
+    n, h, w = 64, 24, 32
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w).contiguous()
+    targets = F.one_hot(torch.arange(n) % 10, 10).float()
+    lam = torch.distributions.Beta(1.0, 1.0).sample((n,))
+    applied = torch.rand(n) < 0.7
+    perm = torch.roll(torch.arange(n), 1)
+    x, y, lam_true = cutmix(images, targets, lam, applied, perm, gen(1))
+    pasted = (x[:, 0] != images[:, 0]).float().mean(dim=(1, 2))  # every partner has a different value
+    assert torch.allclose(lam_true, 1 - pasted)
+    assert torch.all(lam_true[~applied] == 1)
+    assert torch.allclose(y.sum(1), torch.ones(n))
+    mixed_expected = lam_true[:, None] * targets + (1 - lam_true[:, None]) * targets[perm]
+    assert torch.allclose(y, mixed_expected)
+    # pasted pixels come from the partner, and form one rectangle
+    for i in torch.nonzero(applied & (lam_true < 1)).flatten().tolist():
+        mask = x[i, 0] != images[i, 0]
+        assert torch.all(x[i, 0][mask] == images[perm[i], 0, 0, 0])
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        assert mask.sum() == len(rows) * len(cols)
+
+
+def test_box_masks_clip_at_the_border() -> None:
+    masks, area = box_masks(torch.tensor([0]), torch.tensor([9]), torch.tensor([3]), torch.tensor([3]), 10, 10)
+    assert masks.shape == (1, 10, 10)
+    assert area.item() == 3 * 4 == masks.sum().item()  # rows [0, 3), cols [6, 10)
+
+
+def test_smoothing_gives_one_minus_eps_plus_eps_over_k_on_true_class() -> None:
+    k, eps = 37, 0.1
+    y = smooth(F.one_hot(torch.tensor([4, 9]), k).float(), eps)
+    assert y[0, 4] == pytest.approx(1 - eps + eps / k)
+    assert y[0, 0] == pytest.approx(eps / k)
+    assert torch.allclose(y.sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("aug", [None, CutoutConfig(), MixupConfig(alpha=0.4), CutMixConfig(alpha=1.0, p=1.0)])
+def test_batch_pipeline_targets_are_distributions_smoothed_once(aug) -> None:
+    data = DataConfig(img_size=32, crop_pct=0.8)
+    pipeline = BatchAugment(data, aug or CutoutConfig(p=0.0), 10, 0.2, torch.device("cpu"), seed=0)
+    images = torch.randint(0, 256, (16, 3, data.stored_size, data.stored_size), dtype=torch.uint8)
+    x, y = pipeline(images, torch.arange(16) % 10)
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(y.sum(1), torch.ones(16))
+    assert y.min() >= 0.2 / 10 - 1e-6  # smoothing floor applied exactly once
+    assert y.max() <= 1 - 0.2 + 0.2 / 10 + 1e-6
+
+
+def test_crop_scales_and_aspect_ratios_follow_the_configured_ranges() -> None:
+    size, scale, ratio = 256, (0.25, 1.0), (3 / 4, 4 / 3)
+    boxes = sample_crop_boxes(20000, size, scale, ratio, gen(0))
+    x0, y0, w, h = boxes.unbind(1)
+    assert torch.all(x0 >= 0) and torch.all(y0 >= 0) and torch.all(x0 + w <= size) and torch.all(y0 + h <= size)
+    area = w * h / size**2
+    aspect = w / h
+    assert area.min() >= scale[0] - 0.01 and area.max() <= 1.0
+    assert aspect.min() >= ratio[0] - 0.02 and aspect.max() <= ratio[1] + 0.02
+    # the same distribution as torchvision's RandomResizedCrop (rejection of boxes that do not fit included)
+    torch.manual_seed(0)
+    reference = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, size, size), list(scale), list(ratio))
+                              for _ in range(20000)], dtype=torch.float32)  # fmt: skip
+    ref_area = reference[:, 2] * reference[:, 3] / size**2
+    ref_log_aspect = torch.log(reference[:, 3] / reference[:, 2])
+    assert abs(area.mean().item() - ref_area.mean().item()) < 0.01
+    assert abs(area.std().item() - ref_area.std().item()) < 0.01
+    assert abs(torch.log(aspect).mean().item() - ref_log_aspect.mean().item()) < 0.01
+    assert abs(torch.log(aspect).std().item() - ref_log_aspect.std().item()) < 0.01
+
+
+def test_flip_happens_with_configured_probability() -> None:
+    data = DataConfig(img_size=16, crop_pct=1.0, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip=0.5,
+                      mean=[0, 0, 0], std=[1 / 255] * 3)  # fmt: skip
+    pipeline = BatchAugment(data, CutoutConfig(p=0.0), 2, 0.0, torch.device("cpu"), seed=0)
+    ramp = torch.arange(16, dtype=torch.uint8).expand(4000, 3, 16, 16).contiguous()  # left to right
+    x, _ = pipeline(ramp, torch.zeros(4000, dtype=torch.long))
+    flipped = x[:, 0, 0, 0] > x[:, 0, 0, -1]
+    assert torch.allclose(x[~flipped], ramp[~flipped].float())
+    assert torch.allclose(x[flipped], ramp[flipped].flip(-1).float())
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03
+
+
+def test_crop_flip_resize_matches_slicing_for_whole_pixel_boxes() -> None:
+    images = torch.rand(2, 3, 12, 12)
+    boxes = torch.tensor([[2.0, 3.0, 6.0, 6.0], [0.0, 0.0, 12.0, 12.0]])
+    out = crop_flip_resize(images, boxes, torch.tensor([False, True]), out_size=6)
+    assert torch.allclose(out[0], images[0, :, 3:9, 2:8], atol=1e-5)
+    assert torch.allclose(out[1], F.interpolate(images[1:2].flip(-1), size=6, mode="bilinear")[0], atol=1e-5)
+
+
+def test_center_crop_takes_the_middle() -> None:
+    images = torch.arange(10 * 10).view(1, 1, 10, 10)
+    assert torch.equal(center_crop(images, 4), images[..., 3:7, 3:7])

@@ -1,0 +1,110 @@
+"""Composition of every group option from the real conf/, and the clear failure of every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from tests.conftest import CONF, run_train
+from vitexp.config import (
+    AdamWConfig,
+    AugConfig,
+    ConfigError,
+    CutMixConfig,
+    CutoutConfig,
+    MixupConfig,
+    ResNetConfig,
+    SGDConfig,
+    ViTConfig,
+    validate,
+)
+
+OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in
+           ("model", "aug", "data", "optim", "sched", "logger")}  # fmt: skip
+EXPECTED_TYPES = {
+    "model": {"vit": ViTConfig, "vit_tiny": ViTConfig, "vit_small": ViTConfig, "resnet18": ResNetConfig},
+    "aug": {"none": AugConfig, "cutout": CutoutConfig, "mixup": MixupConfig, "cutmix": CutMixConfig},
+    "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
+}
+
+
+def test_every_group_has_the_options_the_docs_promise() -> None:
+    assert OPTIONS["model"] == ["resnet18", "vit", "vit_small", "vit_tiny"]
+    assert OPTIONS["aug"] == ["cutmix", "cutout", "mixup", "none"]
+    assert {"pets", "digits"} <= set(OPTIONS["data"])
+    assert OPTIONS["optim"] == ["adamw", "sgd"]
+    assert OPTIONS["sched"] == ["cosine", "none"]
+    assert OPTIONS["logger"] == ["none", "wandb"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
+def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
+    cfg = make_cfg(f"{group}={option}")
+    typed = validate(cfg)
+    node = getattr(typed, group)
+    if group in EXPECTED_TYPES:
+        assert type(node) is EXPECTED_TYPES[group][option]
+    if group in ("data", "sched", "logger"):
+        assert node.name == option
+
+
+def test_defaults_and_overrides(make_cfg) -> None:
+    typed = validate(make_cfg())
+    assert (typed.model.name, typed.aug.name, typed.data.name, typed.logger.name) == ("vit", "none", "pets", "wandb")
+    assert typed.smoothing == 0.0
+    typed = validate(make_cfg("optim.lr=3e-4", "trainer.epochs=50", "model=resnet18", "model.pretrained=true",
+                              "data.img_size=160", "aug=cutmix", "smoothing=0.1"))  # fmt: skip
+    assert typed.optim.lr == 3e-4 and typed.trainer.epochs == 50 and typed.data.img_size == 160
+    assert isinstance(typed.model, ResNetConfig) and typed.model.pretrained
+    assert isinstance(typed.aug, CutMixConfig) and typed.smoothing == 0.1
+    assert typed.data.stored_size == round(160 / 0.875)
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.05, 0.1, 0.2, 0.999])
+def test_smoothing_accepts_values_in_unit_interval(make_cfg, smoothing: float) -> None:
+    assert validate(make_cfg(f"smoothing={smoothing}")).smoothing == pytest.approx(smoothing)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("smoothing=1.5", "smoothing=1.5 is not allowed: expected a float in [0, 1)"),
+        ("smoothing=-0.1", "smoothing=-0.1 is not allowed"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed: expected an integer >= 1"),
+        ("optim.lr=-1", "optim.lr=-1.0 is not allowed: expected a float > 0"),
+        ("data.val_fraction=1.2", "data.val_fraction=1.2 is not allowed: expected a float in (0, 1)"),
+        ("model.patch_size=15", "model.patch_size=15 is not allowed: expected a divisor of data.img_size=224"),
+        ("model.heads=7", "model.heads=7 is not allowed"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed: expected one of auto, fp32, bf16, fp16"),
+        ("data.crop_scale=[0.5,0.1]", "data.crop_scale=[0.5, 0.1] is not allowed"),
+    ],
+)
+def test_out_of_range_values_fail_naming_key_value_and_range(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(make_cfg(override))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_option_and_misspelled_key_fail_at_composition(make_cfg) -> None:
+    with pytest.raises(MissingConfigException, match="model/vitt"):
+        make_cfg("model=vitt")
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        make_cfg("optim.lrr=3")
+    with pytest.raises(ConfigCompositionException, match="model.pretrained"):
+        make_cfg("model=vit", "model.pretrained=true")  # a ResNet key on a ViT
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [("smoothing=1.5", "smoothing=1.5 is not allowed"), ("aug=cutmixx", "Could not find 'aug/cutmixx'")],
+)
+def test_cli_fails_before_touching_data(tmp_path: Path, override: str, expected: str) -> None:
+    root = tmp_path / "data"
+    result = run_train(override, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert not root.exists(), "validation must fail before the dataset is touched"
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,181 @@
+"""Datasets in their real on-disk layout: Pets through torchvision's class, downloads, odd files, splits."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import multiprocessing
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import OxfordIIITPet
+
+from tests.conftest import PET_BREEDS, write_pets_tree
+from vitexp.config import DataConfig
+from vitexp.data import (
+    PETS_COMPLETE_MARKER,
+    DataError,
+    EpochOrder,
+    PetsImages,
+    build_splits,
+    prepare_pets,
+    stratified_split,
+)
+
+
+def pets_cfg(root: Path, **overrides) -> DataConfig:
+    return DataConfig(name="pets", root=str(root), download=False, img_size=32, crop_pct=0.8, **overrides)
+
+
+def test_pets_splits_keep_37_classes_for_a_partial_copy(pets_root: Path) -> None:
+    splits = build_splits(pets_cfg(pets_root, val_fraction=0.25))
+    assert splits.num_classes == 37 and len(splits.class_names) == 37
+    assert splits.class_names[29] == "Samoyed"
+    assert len(splits.train) + len(splits.val) == 12 * len(PET_BREEDS) and len(splits.test) == 12 * len(PET_BREEDS)
+    image, label = splits.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 40, 40)
+    labels = {splits.val[i][1] for i in range(len(splits.val))}
+    assert labels == {class_id - 1 for class_id in PET_BREEDS}  # annotation ids, never renumbered
+    assert len(splits.val) == 3 * len(PET_BREEDS)  # stratified: a quarter of each breed
+
+
+def test_split_depends_on_split_seed_only(pets_root: Path) -> None:
+    a = build_splits(pets_cfg(pets_root, split_seed=0))
+    b = build_splits(pets_cfg(pets_root, split_seed=0))
+    c = build_splits(pets_cfg(pets_root, split_seed=1))
+    assert a.val.indices == b.val.indices
+    assert a.val.indices != c.val.indices
+
+
+def test_stratified_split_handles_singleton_classes() -> None:
+    labels = [0] * 10 + [1] * 20 + [2]
+    train, val = stratified_split(labels, 0.2, seed=3)
+    assert sorted(train + val) == list(range(31))
+    assert [labels[i] for i in val].count(0) == 2 and [labels[i] for i in val].count(1) == 4
+    assert 30 in train  # the single sample of class 2 stays in train
+
+
+def test_odd_images_become_rgb_and_a_truncated_one_is_named(pets_root: Path) -> None:
+    images = pets_root / "oxford-iiit-pet" / "images"
+    Image.new("L", (300, 200), 128).save(images / "Abyssinian_1.jpg")  # grayscale
+    Image.new("CMYK", (300, 200), (10, 200, 30, 0)).save(images / "Abyssinian_2.jpg")  # CMYK JPEG
+    Image.new("RGBA", (300, 200), (200, 10, 10, 255)).save(images / "Abyssinian_3.jpg", format="PNG")  # PNG named .jpg
+    full = (images / "Abyssinian_4.jpg").read_bytes()
+    (images / "Abyssinian_4.jpg").write_bytes(full[: len(full) // 3])  # truncated download
+    dataset = PetsImages(pets_root, "trainval", size=32)
+    for index in range(3):
+        image, label = dataset[index]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 0
+    assert dataset[2][0][0].float().mean() > 150 > dataset[2][0][1].float().mean()  # red survived as red
+    with pytest.raises(DataError, match="Abyssinian_4.jpg"):
+        dataset[3]
+
+
+def test_missing_dataset_without_download_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="oxford-iiit-pet is incomplete.*data.download=true"):
+        prepare_pets(tmp_path / "nothing", download=False)
+
+
+def test_half_extracted_tree_is_detected(pets_root: Path) -> None:
+    (pets_root / "oxford-iiit-pet" / "images" / "beagle_7.jpg").unlink()
+    with pytest.raises(DataError, match="1 files missing, e.g. .*beagle_7.jpg"):
+        prepare_pets(pets_root, download=False)
+    assert not (pets_root / "oxford-iiit-pet" / PETS_COMPLETE_MARKER).exists()
+
+
+# --- download from a local HTTP server, by several processes at once -----------------------------------
+@pytest.fixture
+def pets_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """Serve images.tar.gz and annotations.tar.gz of a generated tree, as the real Pets site does."""
+    source = write_pets_tree(tmp_path / "source", per_split=3)
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("images", "annotations"):
+        with tarfile.open(served / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(source / name, arcname=name)
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(f"{self.command} {self.path}")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    resources = tuple(
+        (f"{url}/{name}.tar.gz", hashlib.md5((served / f"{name}.tar.gz").read_bytes()).hexdigest())
+        for name in ("images", "annotations")
+    )
+    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", resources)
+    yield {"requests": requests, "source": source}
+    server.shutdown()
+
+
+def _prepare(root: str) -> None:
+    prepare_pets(Path(root), download=True)
+
+
+def test_concurrent_jobs_download_once(pets_server: dict, tmp_path: Path) -> None:
+    prepare_pets(tmp_path / "alone", download=True)
+    one_download = sorted(pets_server["requests"])  # torchvision probes each URL for redirects first
+    pets_server["requests"].clear()
+    root = tmp_path / "shared-root"
+    context = multiprocessing.get_context("fork")  # children inherit the patched URLs
+    workers = [context.Process(target=_prepare, args=(str(root),)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
+    assert sorted(pets_server["requests"]) == one_download
+    assert "GET /images.tar.gz" in one_download and "GET /annotations.tar.gz" in one_download
+    base = root / "oxford-iiit-pet"
+    assert (base / PETS_COMPLETE_MARKER).exists()
+    assert sorted(p.name for p in (base / "images").iterdir()) == sorted(
+        p.name for p in (pets_server["source"] / "images").iterdir()
+    )
+
+
+def test_half_extracted_tree_is_downloaded_again(pets_server: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    prepare_pets(root, download=True)
+    first_download = len(pets_server["requests"])
+    base = root / "oxford-iiit-pet"
+    (base / PETS_COMPLETE_MARKER).unlink()  # as if the job was killed while extracting
+    victim = next((base / "images").iterdir())
+    victim.unlink()
+    prepare_pets(root, download=True)
+    assert victim.exists() and (base / PETS_COMPLETE_MARKER).exists()
+    assert len(pets_server["requests"]) == 2 * first_download
+
+
+def test_digits_splits_are_disjoint_and_test_is_fixed() -> None:
+    a = build_splits(DataConfig(name="digits", img_size=16, crop_pct=1.0, split_seed=0))
+    b = build_splits(DataConfig(name="digits", img_size=16, crop_pct=1.0, split_seed=7))
+    assert a.num_classes == 10
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])  # test set independent of split_seed
+    assert not torch.equal(a.val.tensors[0], b.val.tensors[0])
+    assert a.train.tensors[0].shape[1:] == (3, 16, 16) and a.train.tensors[0].dtype == torch.uint8
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch() -> None:
+    order = EpochOrder(size=103, batch_size=10, batches_per_epoch=10, seed=5)
+    order.set_position(epoch=2)
+    full = list(order)
+    assert len(full) == 100 and len(set(full)) == 100
+    order.set_position(epoch=2, start_batch=4)
+    assert list(order) == full[40:]
+    order.set_position(epoch=3)
+    assert list(order) != full
+    other_seed = EpochOrder(size=103, batch_size=10, batches_per_epoch=10, seed=6)
+    other_seed.set_position(epoch=2)
+    assert list(other_seed) != full
