@@ -19,9 +19,12 @@ class CheckpointError(RuntimeError):
 def atomic_write(path: Path, write: Any) -> None:
     """Write via `write(file)` to a temp file in the same directory, fsync it, then rename over `path`.
 
-    A crash at any point leaves either the old file or the new one, never a torn mix.
+    A crash at any point leaves either the old file or the new one, never a torn mix. Temp files that
+    a killed writer left behind are removed first (one writer per run directory).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as file:

@@ -207,6 +207,8 @@ class EpochOrder(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sampler | None, pin: bool) -> DataLoader:
+    """A loader of uint8 batches. Its own generator keeps it from drawing on the global RNG (dropout's),
+    which would make a run resumed mid-epoch draw different dropout masks."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -216,4 +218,5 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sam
         pin_memory=pin,
         persistent_workers=cfg.num_workers > 0,
         drop_last=False,
+        generator=torch.Generator(),
     )

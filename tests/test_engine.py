@@ -1,0 +1,168 @@
+"""End-to-end runs: real learning on digits, Pets from disk, exact resume, non-finite losses, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY, run_train
+from vitexp import checkpoint, engine
+from vitexp.engine import NonFiniteLossError, RunConflictError, Trainer
+from vitexp.logger import read_jsonl
+from vitexp.models import VisionTransformer
+
+CHOICES = {"model": "vit", "aug": "cutmix", "data": "digits"}
+BASE = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128"]
+# Every source of randomness on: cutmix, dropout; and smoothing.
+RANDOM = ["aug=cutmix", "aug.p=1.0", "smoothing=0.1", "model.dropout=0.1"]
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in rows]
+
+
+def test_digits_reaches_90_percent_from_the_command_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train("data=digits", "logger=none", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test"]["acc"] >= 0.90
+    assert set(results["test"]) >= {"acc", "acc5", "precision", "recall", "f1", "ece", "loss", "confidence"}
+    assert results["params"] == 3_364_106 and results["choices"]["data"] == "digits"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == list(range(1, 16))
+    assert rows[-1]["val/acc"] > rows[0]["val/acc"]
+    assert results["best_val"]["acc"] == max(row["val/acc"] for row in rows)
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
+    assert "test (best epoch" in (run_dir / "train.log").read_text()
+
+
+def test_pets_tree_with_some_breeds_trains_and_tests_on_37_classes(pets_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, "data=pets", f"data.root={pets_root}", "data.download=false", "trainer.epochs=8",
+                       "data.batch_size=16", "sched.warmup_epochs=1", "optim.lr=3e-3", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    best = torch.load(run_dir / "best.pt", weights_only=False)
+    assert best["model"]["head.weight"].shape == (37, 32)  # 37 outputs although only 5 breeds are present
+    assert results["test"]["acc"] > 0.6  # colour-coded breeds: clearly learned (chance is 0.2)
+
+
+def fit(make_cfg, run_dir: Path, *overrides: str) -> dict:
+    return engine.run(make_cfg(*BASE, *(overrides or RANDOM)), run_dir, CHOICES)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_after_an_epoch_gives_identical_weights_and_metrics(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    straight = fit(make_cfg, tmp_path / "straight")
+
+    original_save = Trainer.save_last
+
+    def save_then_die(self: Trainer) -> None:
+        original_save(self)
+        if self.progress.epoch == 1:
+            raise KeyboardInterrupt  # killed right after epoch 1 was checkpointed
+
+    monkeypatch.setattr(Trainer, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_cfg, tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "save_last", original_save)
+    assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == 1
+    resumed = fit(make_cfg, tmp_path / "resumed")
+
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    assert without_times(read_jsonl(tmp_path / "straight" / "metrics.jsonl")) == without_times(
+        read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    )
+    assert straight["test"] == resumed["test"]
+
+
+def test_resume_mid_epoch_gives_identical_weights(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    fit(make_cfg, tmp_path / "straight")
+    original_step = Trainer.optimizer_step
+
+    def stop_after_3_steps(self: Trainer, finite: bool) -> None:
+        original_step(self, finite)
+        if self.progress.step == 3:
+            self.stop_requested = True  # what a preemption signal does
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stop_after_3_steps)
+    assert fit(make_cfg, tmp_path / "resumed") == {}
+    state = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert (state["progress"]["epoch"], state["progress"]["batch"], state["progress"]["step"]) == (0, 3, 3)
+    monkeypatch.setattr(Trainer, "optimizer_step", original_step)
+    fit(make_cfg, tmp_path / "resumed")
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    assert without_times(read_jsonl(tmp_path / "straight" / "metrics.jsonl")) == without_times(
+        read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    )
+
+
+def test_finished_run_is_not_redone_and_a_changed_config_is_refused(make_cfg, tmp_path: Path) -> None:
+    first = fit(make_cfg, tmp_path / "run")
+    mtime = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    assert fit(make_cfg, tmp_path / "run") == first
+    assert (tmp_path / "run" / "last.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(RunConflictError, match="different config"):
+        fit(make_cfg, tmp_path / "run", *RANDOM, "smoothing=0.2")
+
+
+def test_changed_config_cannot_resume_a_checkpoint(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: False)  # save and stop before any step
+    fit(make_cfg, tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(RunConflictError, match=r"smoothing: 0.1 -> 0.2"):
+        fit(make_cfg, tmp_path / "run", *RANDOM, "smoothing=0.2")
+
+
+def test_corrupt_last_checkpoint_is_reported_loudly(make_cfg, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="last.pt is unreadable"):
+        fit(make_cfg, run_dir)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    forward = VisionTransformer.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, images):
+        calls["n"] += self.training
+        logits = forward(self, images)
+        return logits * float("nan") if self.training and calls["n"] % 4 == 0 else logits
+
+    monkeypatch.setattr(VisionTransformer, "forward", sometimes_nan)
+    results = fit(make_cfg, tmp_path / "some", *RANDOM, "trainer.max_nonfinite=2")
+    assert results["nonfinite_steps"] == 5  # every 4th of 2 x 10 steps was skipped
+    assert checkpoint.load(tmp_path / "some" / "last.pt")["progress"]["step"] == 15
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "some").values())
+
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, images: forward(self, images) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite for 3 consecutive steps"):
+        fit(make_cfg, tmp_path / "all", *RANDOM, "trainer.max_nonfinite=3")
+    assert not (tmp_path / "all" / "last.pt").exists() and not (tmp_path / "all" / "best.pt").exists()
+
+
+def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -> None:
+    deterministic = ["aug=none", "model.dropout=0", "trainer.epochs=1", "data.crop_scale=[1,1]",
+                     "data.crop_ratio=[1,1]", "data.hflip=0"]  # fmt: skip
+    fit(make_cfg, tmp_path / "big", *deterministic, "data.batch_size=128")
+    fit(make_cfg, tmp_path / "accumulated", *deterministic, "data.batch_size=64", "trainer.accumulate=2")
+    for run in ("big", "accumulated"):
+        assert checkpoint.load(tmp_path / run / "last.pt")["progress"]["step"] == 10
+    big, accumulated = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
+    for key in big:  # the same samples per step, so the same updates up to float summation order
+        torch.testing.assert_close(accumulated[key], big[key], atol=2e-5, rtol=1e-4)
