@@ -59,8 +59,9 @@ def make_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
-def run_train(*overrides: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_train(
+    *overrides: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run `python train.py OVERRIDES` as a user would, returning the finished process."""
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],

@@ -116,8 +116,10 @@ def test_crop_scales_and_aspect_ratios_follow_the_configured_ranges() -> None:
     assert aspect.min() >= ratio[0] - 0.02 and aspect.max() <= ratio[1] + 0.02
     # the same distribution as torchvision's RandomResizedCrop (rejection of boxes that do not fit included)
     torch.manual_seed(0)
-    reference = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, size, size), list(scale), list(ratio))
-                              for _ in range(20000)], dtype=torch.float32)  # fmt: skip
+    reference = torch.tensor(
+        [RandomResizedCrop.get_params(torch.empty(1, size, size), list(scale), list(ratio)) for _ in range(20000)],
+        dtype=torch.float32,
+    )
     ref_area = reference[:, 2] * reference[:, 3] / size**2
     ref_log_aspect = torch.log(reference[:, 3] / reference[:, 2])
     assert abs(area.mean().item() - ref_area.mean().item()) < 0.01
@@ -127,8 +129,15 @@ def test_crop_scales_and_aspect_ratios_follow_the_configured_ranges() -> None:
 
 
 def test_flip_happens_with_configured_probability() -> None:
-    data = DataConfig(img_size=16, crop_pct=1.0, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip=0.5,
-                      mean=[0, 0, 0], std=[1 / 255] * 3)  # fmt: skip
+    data = DataConfig(
+        img_size=16,
+        crop_pct=1.0,
+        crop_scale=[1.0, 1.0],
+        crop_ratio=[1.0, 1.0],
+        hflip=0.5,
+        mean=[0, 0, 0],
+        std=[1 / 255] * 3,
+    )
     pipeline = BatchAugment(data, CutoutConfig(p=0.0), 2, 0.0, torch.device("cpu"), seed=0)
     ramp = torch.arange(16, dtype=torch.uint8).expand(4000, 3, 16, 16).contiguous()  # left to right
     x, _ = pipeline(ramp, torch.zeros(4000, dtype=torch.long))

@@ -47,8 +47,12 @@ while True:  # rewrite a large checkpoint until killed
 
 def test_sigkill_while_writing_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:

@@ -21,8 +21,10 @@ from vitexp.config import (
     validate,
 )
 
-OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in
-           ("model", "aug", "data", "optim", "sched", "logger")}  # fmt: skip
+OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "aug", "data", "optim", "sched", "logger")
+}
 EXPECTED_TYPES = {
     "model": {"vit": ViTConfig, "vit_tiny": ViTConfig, "vit_small": ViTConfig, "resnet18": ResNetConfig},
     "aug": {"none": AugConfig, "cutout": CutoutConfig, "mixup": MixupConfig, "cutmix": CutMixConfig},
@@ -54,8 +56,17 @@ def test_defaults_and_overrides(make_cfg) -> None:
     typed = validate(make_cfg())
     assert (typed.model.name, typed.aug.name, typed.data.name, typed.logger.name) == ("vit", "none", "pets", "wandb")
     assert typed.smoothing == 0.0
-    typed = validate(make_cfg("optim.lr=3e-4", "trainer.epochs=50", "model=resnet18", "model.pretrained=true",
-                              "data.img_size=160", "aug=cutmix", "smoothing=0.1"))  # fmt: skip
+    typed = validate(
+        make_cfg(
+            "optim.lr=3e-4",
+            "trainer.epochs=50",
+            "model=resnet18",
+            "model.pretrained=true",
+            "data.img_size=160",
+            "aug=cutmix",
+            "smoothing=0.1",
+        )
+    )
     assert typed.optim.lr == 3e-4 and typed.trainer.epochs == 50 and typed.data.img_size == 160
     assert isinstance(typed.model, ResNetConfig) and typed.model.pretrained
     assert isinstance(typed.aug, CutMixConfig) and typed.smoothing == 0.1

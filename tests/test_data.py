@@ -37,7 +37,7 @@ def test_pets_splits_keep_37_classes_for_a_partial_copy(pets_root: Path) -> None
     assert splits.num_classes == 37 and len(splits.class_names) == 37
     assert splits.class_names[29] == "Samoyed"
     assert len(splits.train) + len(splits.val) == 12 * len(PET_BREEDS) and len(splits.test) == 12 * len(PET_BREEDS)
-    image, label = splits.train[0]
+    image, _ = splits.train[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 40, 40)
     labels = {splits.val[i][1] for i in range(len(splits.val))}
     assert labels == {class_id - 1 for class_id in PET_BREEDS}  # annotation ids, never renumbered

@@ -42,8 +42,17 @@ def test_digits_reaches_90_percent_from_the_command_line(tmp_path: Path) -> None
 
 def test_pets_tree_with_some_breeds_trains_and_tests_on_37_classes(pets_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_train(*TINY, "data=pets", f"data.root={pets_root}", "data.download=false", "trainer.epochs=8",
-                       "data.batch_size=16", "sched.warmup_epochs=1", "optim.lr=3e-3", f"hydra.run.dir={run_dir}")  # fmt: skip
+    result = run_train(
+        *TINY,
+        "data=pets",
+        f"data.root={pets_root}",
+        "data.download=false",
+        "trainer.epochs=8",
+        "data.batch_size=16",
+        "sched.warmup_epochs=1",
+        "optim.lr=3e-3",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     best = torch.load(run_dir / "best.pt", weights_only=False)
@@ -157,8 +166,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(make_cfg, tmp_path: Path
 
 
 def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -> None:
-    deterministic = ["aug=none", "model.dropout=0", "trainer.epochs=1", "data.crop_scale=[1,1]",
-                     "data.crop_ratio=[1,1]", "data.hflip=0"]  # fmt: skip
+    deterministic = [
+        "aug=none",
+        "model.dropout=0",
+        "trainer.epochs=1",
+        "data.crop_scale=[1,1]",
+        "data.crop_ratio=[1,1]",
+        "data.hflip=0",
+    ]
     fit(make_cfg, tmp_path / "big", *deterministic, "data.batch_size=128")
     fit(make_cfg, tmp_path / "accumulated", *deterministic, "data.batch_size=64", "trainer.accumulate=2")
     for run in ("big", "accumulated"):

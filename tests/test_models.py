@@ -29,10 +29,13 @@ def copy_torchvision_vit(tv: TorchvisionViT, ours: VisionTransformer) -> None:
             new = new.replace(old, replacement) if name.startswith(old) else new
         if name.startswith("encoder.layers.encoder_layer_"):
             index, rest = name.removeprefix("encoder.layers.encoder_layer_").split(".", 1)
-            rest = (rest.replace("ln_1", "norm1").replace("ln_2", "norm2")
-                    .replace("self_attention.in_proj_weight", "attn.qkv.weight")
-                    .replace("self_attention.in_proj_bias", "attn.qkv.bias")
-                    .replace("self_attention.out_proj", "attn.proj"))  # fmt: skip
+            rest = (
+                rest.replace("ln_1", "norm1")
+                .replace("ln_2", "norm2")
+                .replace("self_attention.in_proj_weight", "attn.qkv.weight")
+                .replace("self_attention.in_proj_bias", "attn.qkv.bias")
+                .replace("self_attention.out_proj", "attn.proj")
+            )
             new = f"blocks.{index}.{rest}"
         state[new] = value
     ours.load_state_dict(state, strict=True)

@@ -65,7 +65,7 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     train, val = [], []
     for cls in np.unique(labels_arr):
         members = rng.permutation(np.flatnonzero(labels_arr == cls))
-        n_val = int(round(len(members) * val_fraction))
+        n_val = round(len(members) * val_fraction)
         val.extend(members[:n_val].tolist())
         train.extend(members[n_val:].tolist())
     return sorted(train), sorted(val)

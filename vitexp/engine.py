@@ -289,9 +289,9 @@ class Trainer:
             )
             if self.progress.nonfinite_streak >= trainer.max_nonfinite:
                 raise NonFiniteLossError(
-                    f"loss was non-finite for {self.progress.nonfinite_streak} consecutive steps (trainer.max_nonfinite="
-                    f"{trainer.max_nonfinite}); stopping without saving NaN weights. Try a lower optim.lr or "
-                    "trainer.clip_grad_norm, or trainer.precision=fp32"
+                    f"loss was non-finite for {self.progress.nonfinite_streak} consecutive steps "
+                    f"(trainer.max_nonfinite={trainer.max_nonfinite}); stopping without saving NaN weights. "
+                    "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
                 )
             return
         self.progress.nonfinite_streak = 0
