@@ -4,8 +4,9 @@
 # Runs daemons directly (no systemd, e.g. in containers). Must run as root.
 # Env: SLURM_ACCOUNTING=1 (install/start also slurmdbd + MariaDB so that `sacct` works; submitit
 # polls sacct for job state, without it a job killed before writing its result is never "done"),
-# SLURM_CPUS (advertise more CPUs than the host has, to run more 1-CPU jobs
-# at once), SLURM_DEF_MEM_PER_CPU (MB, default 1024), SLURM_START_TIMEOUT (s, default 60).
+# SLURM_KEEP_JOBS=1 (stop without cancelling jobs), SLURM_CPUS (advertise more CPUs than the
+# host has, to run more 1-CPU jobs at once), SLURM_DEF_MEM_PER_CPU (MB, default 1024),
+# SLURM_CRED_EXPIRE (s, default 10; also the requeue delay), SLURM_START_TIMEOUT (s, default 60).
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -36,7 +37,7 @@ pid_alive() {
 
 # Stop the process named in a pidfile: TERM, wait, then KILL (bounded).
 stop_pidfile() {
-    local name=$1 f=$2 pid i
+    local name=$1 f=$2 pid
     if ! pid_alive "$f"; then
         rm -f "$f"
         log "$name not running"
@@ -44,7 +45,7 @@ stop_pidfile() {
     fi
     pid=$(<"$f")
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.2
     done
@@ -156,7 +157,8 @@ SlurmdTimeout=60
 SlurmctldTimeout=60
 MessageTimeout=20
 InactiveLimit=0
-KillWait=30
+# SIGTERM->SIGKILL grace on cancel/timeout; submitit ignores SIGTERM, so keep it short for tests
+KillWait=10
 MinJobAge=300
 SchedulerType=sched/backfill
 # schedule often so short test jobs / requeued jobs start within seconds
@@ -193,7 +195,7 @@ accounting_conf() {
 
 # MariaDB + slurmdbd, only with SLURM_ACCOUNTING=1 (needs 'install' with the same env)
 start_accounting() {
-    command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null ||
+    { command -v slurmdbd && command -v mariadbd; } >/dev/null ||
         die "SLURM_ACCOUNTING=1 needs slurmdbd + mariadb-server; run 'SLURM_ACCOUNTING=1 $0 install'"
     mkdir -p /run/mysqld /var/log/mysql
     chown mysql:mysql /run/mysqld /var/log/mysql
@@ -206,8 +208,7 @@ start_accounting() {
             --bind-address=127.0.0.1 --log-error=/var/log/mysql/error.log </dev/null >/dev/null 2>&1 &
         log "started mariadbd"
     fi
-    local i
-    for i in $(seq 1 60); do
+    for _ in $(seq 1 60); do
         mariadb-admin ping >/dev/null 2>&1 && break
         sleep 1
     done
@@ -247,7 +248,7 @@ EOF
         log "started slurmdbd"
     fi
     # slurmctld needs slurmdbd listening (port 6819) before it registers the cluster
-    for i in $(seq 1 30); do
+    for _ in $(seq 1 30); do
         sacctmgr -n list cluster >/dev/null 2>&1 && break
         sleep 1
     done
@@ -260,7 +261,6 @@ cmd_start() {
     command -v slurmctld >/dev/null || die "slurm not installed; run '$0 install' first"
     mkdir -p $CTLD_SPOOL $D_SPOOL $LOG_DIR $RUN_DIR
     start_munge
-    if [[ $ACCOUNTING == 1 ]]; then start_accounting; fi
 
     local changed=0
     write_conf && changed=1
@@ -270,6 +270,8 @@ cmd_start() {
         stop_pidfile slurmd $RUN_DIR/slurmd.pid
         stop_pidfile slurmctld $RUN_DIR/slurmctld.pid
     fi
+    # after write_conf: the sacctmgr readiness probe reads slurm.conf's AccountingStorageType
+    if [[ $ACCOUNTING == 1 ]]; then start_accounting; fi
 
     if pid_alive $RUN_DIR/slurmctld.pid; then
         log "slurmctld already running"
@@ -291,7 +293,7 @@ cmd_start() {
         st=$(node_state || true)
         case $st in
         idle | mixed | allocated | completing) log "node $(hostname -s) is $st"; break ;;
-        down* | drain* | drained* | fail*)
+        down* | drain* | fail*)
             if ((resumed < 3)); then
                 log "node is '$st', resuming"
                 scontrol update nodename="$(hostname -s)" state=resume || true
@@ -313,6 +315,20 @@ cmd_start() {
 
 cmd_stop() {
     need_root
+    # cancel leftover jobs first: slurmstepd/job processes outlive slurmd and would linger
+    local ids _
+    if [[ ${SLURM_KEEP_JOBS:-0} != 1 ]] && pid_alive $RUN_DIR/slurmctld.pid; then
+        ids=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+        if [[ -n ${ids// /} ]]; then
+            log "cancelling jobs: $ids"
+            # shellcheck disable=SC2086
+            scancel $ids || true
+            for _ in $(seq 1 30); do
+                [[ -z $(squeue -h -t R,CG -o %A 2>/dev/null) ]] && break
+                sleep 1
+            done
+        fi
+    fi
     stop_pidfile slurmd $RUN_DIR/slurmd.pid
     stop_pidfile slurmctld $RUN_DIR/slurmctld.pid
     stop_pidfile slurmdbd $RUN_DIR/slurmdbd.pid
