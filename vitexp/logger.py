@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,12 @@ class RunLogger:
             self.wandb_run = self._init_wandb(config, name, job_type)
 
     def _init_wandb(self, config: dict[str, Any], name: str, job_type: str) -> Any:
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # its exit-time telemetry can stall offline runs
         import wandb
 
         id_file = self.run_dir / WANDB_ID_FILE
         if not id_file.exists():  # saved before init so a resumed run continues the same W&B run
-            atomic_write(id_file, lambda file: file.write(wandb.util.generate_id().encode()))
-        run_id = id_file.read_text().strip()
+            atomic_write(id_file, lambda file: file.write(uuid.uuid4().hex[:12].encode()))
         kwargs = dict(
             project=self.cfg.project,
             entity=self.cfg.entity,
@@ -57,24 +58,24 @@ class RunLogger:
             name=name,
             job_type=job_type,
             config=config,
-            id=run_id,
+            id=id_file.read_text().strip(),
             resume="allow",
             dir=str(self.run_dir),
-            settings=wandb.Settings(init_timeout=self.cfg.init_timeout, console="off", silent=True),
         )
-        mode = self.cfg.mode
-        if mode == "online" and not _wandb_api_key_available():
-            reason = "no W&B API key is configured"
-        elif mode == "online":
-            try:
-                return wandb.init(mode="online", **kwargs)
-            except Exception as err:  # any failure to reach W&B: network, auth, timeout
-                reason = f"W&B is unreachable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                wandb.teardown()
-        else:
+        mode = os.environ.get("WANDB_MODE", self.cfg.mode)
+        if mode != "online":
             return wandb.init(mode=mode, **kwargs)
+        if not has_wandb_credentials():
+            reason = "no W&B API key is configured"
+        else:
+            try:  # silent: a non-silent init spends extra seconds greeting the user before the timeout starts
+                settings = wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True)
+                return wandb.init(mode="online", settings=settings, **kwargs)
+            except Exception as err:  # network, authentication, timeout: none may cost the run
+                reason = f"W&B is unreachable ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+                wandb.teardown()  # else the offline run with the same id is refused as "in use"
         run = wandb.init(mode="offline", **kwargs)
-        log.warning("%s; logging offline. Upload later with: wandb sync %s", reason, Path(run.dir).parent)
+        log.warning("%s; logging offline. Upload later with: wandb sync %s", reason, self.run_dir / "wandb")
         return run
 
     def truncate_after(self, epoch: int) -> None:
@@ -102,13 +103,18 @@ class RunLogger:
             self.wandb_run = None
 
 
-def _wandb_api_key_available() -> bool:
+def has_wandb_credentials() -> bool:
+    """Whether an API key is configured (environment or netrc), checked without network or prompts."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
     import wandb
 
     try:
-        return bool(wandb.Api().api_key)
-    except Exception:
-        return bool(os.environ.get("WANDB_API_KEY"))
+        from wandb.sdk.lib.wbauth import wbnetrc
+
+        return bool(wbnetrc.read_netrc_auth(host=wandb.Settings().base_url))
+    except Exception:  # an internal module: if it moves, try online and let the fallback handle it
+        return True
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

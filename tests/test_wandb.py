@@ -1,0 +1,101 @@
+"""Real W&B in offline mode, read back from what it wrote; and the fallback when W&B is unreachable."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import wandb
+
+from tests.conftest import TINY, run_train
+from tests.wandb_offline import offline_runs, read_offline_run
+from vitexp import engine
+from vitexp.engine import NonFiniteLossError
+from vitexp.models import VisionTransformer
+
+RUN = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "aug=cutmix", "smoothing=0.1",
+       "logger=wandb", "logger.project=vitexp-tests", "logger.group=g1", "logger.init_timeout=5"]  # fmt: skip
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(*RUN, "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [folder] = offline_runs(run_dir)
+    run = read_offline_run(folder)
+    assert run["run_id"] == (run_dir / "wandb_id").read_text().strip()
+    assert (run["project"], run["group"], run["job_type"], run["exit_code"]) == ("vitexp-tests", "g1", "vit", 0)
+    config = run["config"]
+    assert (config["model"], config["aug"], config["data"], config["smoothing"]) == ("vit", "cutmix", "digits", 0.1)
+    assert config["model_config"]["dim"] == 32 and config["optim"]["lr"] == 1e-3
+    assert config["params"] > 0
+    assert [row["epoch"] for row in run["history"]] == [1, 2]
+    assert {"train/loss", "val/acc", "val/ece", "lr"} <= set(run["history"][0])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert run["summary"]["test/acc"] == pytest.approx(results["test"]["acc"])
+    assert run["summary"]["params"] == results["params"]
+
+
+def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"}
+    result = run_train(*RUN, f"hydra.run.dir={run_dir}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "logging offline" in line]
+    assert len(warnings) == 1 and "W&B is unreachable" in warnings[0]
+    assert f"wandb sync {run_dir / 'wandb'}" in warnings[0]
+    [folder] = offline_runs(run_dir)
+    run = read_offline_run(folder)
+    assert run["exit_code"] == 0 and len(run["history"]) == 2
+
+
+def test_missing_api_key_goes_offline_without_trying(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(*RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no W&B API key is configured; logging offline" in result.stdout + result.stderr
+    assert len(offline_runs(run_dir)) == 1
+
+
+@pytest.fixture
+def fresh_wandb():
+    wandb.teardown()  # W&B reads its environment once per process
+    yield
+    wandb.teardown()
+
+
+def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
+    make_cfg, tmp_path: Path, monkeypatch, fresh_wandb
+) -> None:
+    cfg = make_cfg(*RUN, "logger.mode=offline")
+    choices = {"model": "vit", "aug": "cutmix", "data": "digits"}
+    forward = VisionTransformer.forward
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: forward(self, x) * torch.nan)
+    with pytest.raises(NonFiniteLossError):
+        engine.run(make_cfg(*RUN, "logger.mode=offline", "trainer.max_nonfinite=1"), tmp_path / "failed", choices)
+    assert read_offline_run(offline_runs(tmp_path / "failed")[0])["exit_code"] == 1
+    monkeypatch.undo()
+
+    stop_once = {"done": False}
+    original = engine.Trainer.optimizer_step
+
+    def stop_after_two_steps(self, finite):
+        original(self, finite)
+        if self.progress.step == 2 and not stop_once["done"]:
+            stop_once["done"] = self.stop_requested = True
+
+    monkeypatch.setattr(engine.Trainer, "optimizer_step", stop_after_two_steps)
+    assert engine.run(cfg, tmp_path / "run", choices) == {}
+    engine.run(cfg, tmp_path / "run", choices)
+    first, second = (read_offline_run(folder) for folder in offline_runs(tmp_path / "run"))
+    assert first["run_id"] == second["run_id"] == (tmp_path / "run" / "wandb_id").read_text().strip()
+    assert [row["epoch"] for row in first["history"] + second["history"]] == [1, 2]
