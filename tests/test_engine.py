@@ -10,11 +10,11 @@ import torch
 
 from tests.conftest import TINY, run_train
 from vitexp import checkpoint, engine
-from vitexp.engine import NonFiniteLossError, RunConflictError, Trainer
+from vitexp.engine import NonFiniteLossError, RunConflictError, RunIdentity, Trainer
 from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
 
-CHOICES = {"model": "vit", "aug": "cutmix", "data": "digits"}
+IDENTITY = RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
 BASE = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128"]
 # Every source of randomness on: cutmix, dropout; and smoothing.
 RANDOM = ["aug=cutmix", "aug.p=1.0", "smoothing=0.1", "model.dropout=0.1"]
@@ -61,7 +61,7 @@ def test_pets_tree_with_some_breeds_trains_and_tests_on_37_classes(pets_root: Pa
 
 
 def fit(make_cfg, run_dir: Path, *overrides: str) -> dict:
-    return engine.run(make_cfg(*BASE, *(overrides or RANDOM)), run_dir, CHOICES)
+    return engine.run(make_cfg(*BASE, *(overrides or RANDOM)), run_dir, IDENTITY)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -77,7 +77,7 @@ def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
     make_cfg, tmp_path: Path, monkeypatch, fresh_wandb
 ) -> None:
     cfg = make_cfg(*RUN, "logger.mode=offline")
-    choices = {"model": "vit", "aug": "cutmix", "data": "digits"}
+    choices = engine.RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
     forward = VisionTransformer.forward
     monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: forward(self, x) * torch.nan)
     with pytest.raises(NonFiniteLossError):

@@ -9,6 +9,8 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,6 +251,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     smoothing: float = 0.0
+    dry_run: bool = False  # with -m: print the job table of the grid and launch nothing
 
     def rules(self) -> Iterator[Rule]:
         yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
@@ -292,3 +295,43 @@ def validate(cfg: DictConfig) -> Config:
                 value = OmegaConf.select(cfg, full_key)
                 raise ConfigError(f"{full_key}={_format(value)} is not allowed: expected {allowed}")
     return typed
+
+
+# Keys that change how a run is executed or reported, not what it computes: a relaunch may change them.
+VOLATILE_KEYS = (
+    "logger",
+    "dry_run",
+    "data.root",
+    "data.num_workers",
+    "data.download",
+    "trainer.log_every",
+    "trainer.device",
+)
+
+
+def semantic_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without VOLATILE_KEYS: what must match for two runs to be the same experiment."""
+    clean = json.loads(json.dumps(config))
+    for key in VOLATILE_KEYS:
+        *parents, leaf = key.split(".")
+        node = clean
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return clean
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(semantic_config(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, for an error a user can act on."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs

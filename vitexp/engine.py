@@ -7,7 +7,6 @@ piece of state, so a run started again in the same directory continues exactly w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -19,22 +18,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from vitexp import checkpoint
 from vitexp.augment import BatchAugment
-from vitexp.config import Config, ConfigError, validate
+from vitexp.cluster import PreemptionHandler
+from vitexp.config import Config, ConfigError, config_diff, config_hash, semantic_config, validate
 from vitexp.data import EpochOrder, build_splits, make_loader
 from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters, param_groups
+from vitexp.sweep import FAILED_FILE, LOCK_FILE, sweep_group
 
 log = logging.getLogger("vitexp")
 
 GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
-# Keys that change how a run is executed or reported, not what it computes: a relaunch may change them.
-VOLATILE_KEYS = ("logger", "data.root", "data.num_workers", "data.download", "trainer.log_every", "trainer.device")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,34 +77,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def semantic_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without VOLATILE_KEYS: what must match for two runs to be the same experiment."""
-    clean = json.loads(json.dumps(config))
-    for key in VOLATILE_KEYS:
-        *parents, leaf = key.split(".")
-        node = clean
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
-    return clean
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(semantic_config(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, for an error a user can act on."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
     if step < warmup_steps:
@@ -116,8 +88,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 class Trainer:
     """One run in one directory: `fit()` trains (resuming if `last.pt` is there), tests and writes results."""
 
-    def __init__(self, cfg: Config, run_dir: Path, config: dict[str, Any], choices: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        config: dict[str, Any],
+        choices: dict[str, str],
+        preemption: PreemptionHandler | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
+        self.preemption = preemption
         self.hash = config_hash(config)
         self.device = select_device(cfg.trainer.device)
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
@@ -161,7 +141,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
         self.progress = Progress()
-        self.stop_requested = False  # set from a signal handler; honoured at the next step boundary
+        self.stop_requested = False  # honoured at the next step boundary
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         optim = self.cfg.optim
@@ -270,7 +250,8 @@ class Trainer:
                         self.train_means.compute()["loss"],
                         self.scheduler.get_last_lr()[0],
                     )
-                if self.stop_requested and self.progress.batch < self.order.batches_per_epoch:
+                stop = self.stop_requested or (self.preemption is not None and self.preemption.requested)
+                if stop and self.progress.batch < self.order.batches_per_epoch:
                     return False
         return True
 
@@ -424,25 +405,53 @@ def finished_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     return results
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], name: str = "") -> dict[str, Any]:
+@dataclass
+class RunIdentity:
+    """How a run is named in W&B: the job's overrides, the sweep's group, the model as job type."""
+
+    choices: dict[str, str]
+    name: str = ""
+    group: str | None = None
+
+
+def run(cfg: DictConfig, run_dir: Path, identity: RunIdentity, preemption: PreemptionHandler | None = None) -> dict:
     """Validate, then train and test in `run_dir`; a finished run there is returned, not redone.
 
-    `choices` are the chosen group options (model=vit_tiny ...); `name` names the W&B run.
+    Returns the results, or {} when a preemption signal stopped it after a checkpoint.
     """
     typed = validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    done = finished_results(run_dir, config)
-    if done is not None:
-        log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
-        return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(typed, run_dir, config, choices)
+    try:
+        lock = FileLock(str(run_dir / LOCK_FILE), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise RunConflictError(f"{run_dir} is in use by another running job; refusing to write into it") from None
+    try:
+        done = finished_results(run_dir, config)
+        if done is not None:
+            log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
+            return done
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        return _train(typed, run_dir, config, identity, preemption)
+    finally:
+        lock.release()
+
+
+def _train(
+    typed: Config, run_dir: Path, config: dict[str, Any], identity: RunIdentity, preemption: PreemptionHandler | None
+) -> dict[str, Any]:
+    choices = identity.choices
+    trainer = Trainer(typed, run_dir, config, choices, preemption)
     wandb_config = config | {f"{group}_config": config[group] for group in ("model", "aug", "data")}
     wandb_config |= {group: choices.get(group, config[group]["name"]) for group in ("model", "aug", "data")}
     wandb_config["params"] = trainer.params
-    name = name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
-    logger = RunLogger(typed.logger, run_dir, wandb_config, name=name, job_type=choices.get("model", typed.model.name))
+    name = identity.name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
+    logger_cfg = typed.logger
+    if logger_cfg.group is None and identity.group:
+        logger_cfg.group = identity.group
+    logger = RunLogger(logger_cfg, run_dir, wandb_config, name=name, job_type=choices.get("model", typed.model.name))
     try:
         results = trainer.fit(logger)
     except BaseException:
@@ -452,16 +461,50 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], name: str = "")
     return results
 
 
-def main(cfg: DictConfig) -> float:
-    """Hydra task: one run in Hydra's output directory. Config errors end it with one line, exit status 2."""
+def identity_from_hydra() -> RunIdentity:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    runtime = HydraConfig.get().runtime
-    choices = {group: str(runtime.choices[group]) for group in GROUPS if group in runtime.choices}
-    try:
-        results = run(cfg, Path(runtime.output_dir), choices, name=",".join(HydraConfig.get().overrides.task))
-    except (ConfigError, RunConflictError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return float(results["test"]["acc"]) if results else float("nan")
+    hydra_cfg = HydraConfig.get()
+    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS if group in hydra_cfg.runtime.choices}
+    name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("+sweep=", "sweep=", "logger")))
+    group = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # all jobs of a sweep share one W&B group
+        group = sweep_group(hydra_cfg, Path(hydra_cfg.sweep.dir))
+    return RunIdentity(choices, name, group)
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task: one run in Hydra's output directory; returns the test accuracy.
+
+    A single run ends a config error with one line and exit status 2. A sweep job records any error in
+    `failed.json` and returns, so the other jobs run and the sweep's end lists every failure.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    with PreemptionHandler() as preemption:
+        try:
+            results = run(cfg, run_dir, identity_from_hydra(), preemption)
+        except (ConfigError, RunConflictError) as err:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                return record_failure(run_dir, err)
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as err:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                log.exception("job failed")
+                return record_failure(run_dir, err)
+            raise
+        if not results:
+            preemption.requeue()
+    return float(results["test"]["acc"])
+
+
+def record_failure(run_dir: Path, err: BaseException) -> float:
+    message = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    write_json(run_dir / FAILED_FILE, {"error": message})
+    return float("nan")

@@ -1,0 +1,142 @@
+"""Multirun integration: check the whole grid before anything is launched, and summarise it at the end.
+
+Hydra runs `SweepCallback.on_multirun_start` in the launching process before the sweeper submits a
+single job, so one bad combination stops the launch with nothing submitted. Jobs record their own
+failures (`failed.json`) instead of raising, so every job runs and `on_multirun_end` can list them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp.config import config_diff, config_hash, semantic_config, validate
+
+log = logging.getLogger("vitexp")
+
+FAILED_FILE = "failed.json"
+LOCK_FILE = ".run.lock"
+
+
+@dataclass
+class Job:
+    number: int
+    overrides: list[str]
+    directory: Path
+
+    @property
+    def label(self) -> str:
+        """The overrides that name this job among its siblings (W&B run name, report rows)."""
+        return ",".join(o for o in self.overrides if not o.startswith(("+sweep=", "hydra.", "dry_run", "logger")))
+
+
+def expand_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job]:
+    """The jobs Hydra's basic sweeper will launch, in its order (so job numbers and directories match)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg.overrides.task))
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [Job(n, list(overrides), sweep_dir / str(n)) for n, overrides in enumerate(batches[0] if batches else [])]
+
+
+def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
+    """The W&B group of a sweep: its name(s) and start time, e.g. `aug_smoothing-2026-11-23-12-00-00`."""
+    name = str(hydra_cfg.runtime.choices.get("sweep") or "sweep").strip("[]").replace(",", "+").replace(" ", "")
+    return f"{name}-{'-'.join(sweep_dir.parts[-2:])}"
+
+
+def job_state(job: Job) -> str:
+    """done, failed, running, started (a checkpoint, no process) or new."""
+    if (job.directory / "results.json").exists():
+        return "done"
+    if (job.directory / FAILED_FILE).exists():
+        return "failed"
+    if (job.directory / LOCK_FILE).exists():
+        try:
+            with FileLock(str(job.directory / LOCK_FILE), timeout=0):
+                pass
+        except Timeout:
+            return "running"
+    return "started" if (job.directory / "last.pt").exists() else "new"
+
+
+def check_jobs(jobs: list[Job]) -> list[str]:
+    """Compose and validate every job's config; also refuse job directories holding another config."""
+    from hydra import compose
+
+    problems = []
+    for job in jobs:
+        try:
+            cfg = compose(config_name="config", overrides=job.overrides)
+            validate(cfg)
+        except Exception as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(f"job #{job.number} ({' '.join(job.overrides)}): {message}")
+            continue
+        state = job_state(job)
+        if state == "running":
+            problems.append(f"job #{job.number}: {job.directory} is in use by a running job")
+        previous = job.directory / ".hydra" / "config.yaml"  # written by Hydra when that job started
+        if previous.exists():
+            old, new = (OmegaConf.to_container(c, resolve=True) for c in (OmegaConf.load(previous), cfg))
+            assert isinstance(old, dict) and isinstance(new, dict)
+            if config_hash(old) != config_hash(new):
+                diff = "; ".join(config_diff(semantic_config(old), semantic_config(new))[:3])
+                problems.append(f"job #{job.number}: {job.directory} holds a run of another config ({diff})")
+    return problems
+
+
+def print_jobs(jobs: list[Job]) -> None:
+    print(f"{len(jobs)} jobs")
+    print(f"{'#':>4}  {'state':8}  {'directory':40}  overrides")
+    for job in jobs:
+        print(f"{job.number:>4}  {job_state(job):8}  {job.directory!s:40}  {' '.join(job.overrides)}")
+
+
+class SweepCallback(Callback):
+    """Validate the grid before launch (`dry_run=true` only prints it); report and list failures after."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = expand_jobs(config.hydra, Path(config.hydra.sweep.dir))
+        problems = check_jobs(jobs)
+        if problems:
+            print("error: nothing was launched; fix these jobs first:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            sys.exit(2)
+        if config.get("dry_run"):
+            print_jobs(jobs)
+            sys.exit(0)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vitexp.report import sweep_defaults, write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = expand_jobs(config.hydra, sweep_dir)
+        report = write_report(sweep_dir, jobs, sweep_defaults(config))
+        log.info("sweep report: %s", report.markdown)
+        if config.logger.name == "wandb":
+            report.log_to_wandb(config)
+        failed = [job for job in jobs if job_state(job) != "done"]
+        if failed:
+            print(f"{len(failed)} of {len(jobs)} jobs did not finish:", file=sys.stderr)
+            for job in failed:
+                print(f"  #{job.number} {job.label}: {failure_line(job)}", file=sys.stderr)
+            sys.exit(1)
+
+
+def failure_line(job: Job) -> str:
+    path = job.directory / FAILED_FILE
+    if path.exists():
+        return json.loads(path.read_text())["error"]
+    return f"no result ({job_state(job)})"
