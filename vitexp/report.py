@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.logger import RESULTS_FILE, read_jsonl
-from vitexp.sweep import Job, expand_jobs, failure_line, job_state
+from vitexp.sweep import Job, expand_jobs, failure_line, job_state, varying_keys
 
 METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("loss", "NLL"))
 
@@ -57,9 +57,7 @@ def parse_overrides(job: Job) -> dict[str, str]:
 def collect(jobs: list[Job], defaults: dict[str, Any]) -> list[Cell]:
     """Group jobs into cells by model, aug, smoothing and any other override that varies across the sweep."""
     overrides = [parse_overrides(job) for job in jobs]
-    keys = {key for o in overrides for key in o}
-    varying = sorted(k for k in keys if len({o.get(k) for o in overrides}) > 1) if overrides else []
-    other_keys = [k for k in varying if k not in ("model", "aug", "smoothing", "seed")]
+    other_keys = sorted(varying_keys(jobs) - {"model", "aug", "smoothing", "seed"})
     cells: dict[tuple[str, str, float, str], Cell] = {}
     for job, values in zip(jobs, overrides, strict=True):
         setting = defaults | values

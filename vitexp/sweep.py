@@ -33,10 +33,9 @@ class Job:
     overrides: list[str]
     directory: Path
 
-    @property
-    def label(self) -> str:
-        """The overrides that name this job among its siblings (W&B run name, report rows)."""
-        return ",".join(o for o in self.overrides if not o.startswith(("+sweep=", "hydra.", "dry_run", "logger")))
+    def varying(self, keys: set[str]) -> list[str]:
+        """This job's overrides of `keys`: what tells it apart from the other jobs of its grid."""
+        return [o for o in self.overrides if o.lstrip("+~").partition("=")[0] in keys]
 
 
 def expand_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job]:
@@ -47,6 +46,13 @@ def expand_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job]:
     parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg.overrides.task))
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [Job(n, list(overrides), sweep_dir / str(n)) for n, overrides in enumerate(batches[0] if batches else [])]
+
+
+def varying_keys(jobs: list[Job]) -> set[str]:
+    """Override keys whose value differs between jobs: what tells the jobs of a grid apart."""
+    values = [dict(o.lstrip("+~").partition("=")[::2] for o in job.overrides) for job in jobs]
+    keys = {key for v in values for key in v}
+    return {key for key in keys if len({v.get(key) for v in values}) > 1}
 
 
 def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
@@ -75,13 +81,15 @@ def check_jobs(jobs: list[Job]) -> list[str]:
     from hydra import compose
 
     problems = []
+    varying = varying_keys(jobs)
     for job in jobs:
+        shown = " ".join(job.varying(varying))
         try:
             cfg = compose(config_name="config", overrides=job.overrides)
             validate(cfg)
         except Exception as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            problems.append(f"job #{job.number} ({' '.join(job.overrides)}): {message}")
+            problems.append(f"job #{job.number} ({shown}): {message}")
             continue
         state = job_state(job)
         if state == "running":
@@ -129,9 +137,10 @@ class SweepCallback(Callback):
             report.log_to_wandb(config)
         failed = [job for job in jobs if job_state(job) != "done"]
         if failed:
+            varying = varying_keys(jobs)
             print(f"{len(failed)} of {len(jobs)} jobs did not finish:", file=sys.stderr)
             for job in failed:
-                print(f"  #{job.number} {job.label}: {failure_line(job)}", file=sys.stderr)
+                print(f"  #{job.number} {' '.join(job.varying(varying))}: {failure_line(job)}", file=sys.stderr)
             sys.exit(1)
 
 

@@ -1,0 +1,95 @@
+"""Multirun sweeps through Hydra's basic launcher and submitit_local: grid checks, failures, relaunch, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.sweeps import SWEEP, assert_report_means, job_results, report_rows, sweep
+
+GRID = ["aug=none,cutmix", "seed=0,1"]
+
+
+def test_basic_launcher_runs_the_grid_and_reports_means(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "sweep", *GRID)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(job_results(tmp_path / "sweep")) == [0, 1, 2, 3]
+    assert_report_means(tmp_path / "sweep", cells=2)
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| vit | cutmix | 0 |" in report and "## vit: test accuracy (%), aug × smoothing" in report
+
+
+def test_named_sweep_combines_with_shell_overrides(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "sweep", "+sweep=aug_smoothing", "seed=0,1", "dry_run=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "32 jobs" in result.stdout
+    assert "aug=cutmix smoothing=0.2" in result.stdout and "seed=1" in result.stdout
+    assert not list((tmp_path / "sweep").glob("*/")), "a dry run launches nothing"
+
+
+def test_submitit_local_launcher(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "sweep", "aug=none,cutmix", "hydra/launcher=submitit_local",
+                   "hydra.launcher.timeout_min=10")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(job_results(tmp_path / "sweep")) == [0, 1]
+    assert_report_means(tmp_path / "sweep", cells=2)
+
+
+def test_bad_grid_launches_nothing(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "sweep", "smoothing=0,0.1,1.5", "aug=none,cutmix")
+    assert result.returncode == 2
+    assert "nothing was launched" in result.stderr
+    assert "job #4 (smoothing=1.5 aug=none): smoothing=1.5 is not allowed: expected a float in [0, 1)" in result.stderr
+    assert "job #5" in result.stderr  # every bad job is listed, not just the first
+    assert not [p for p in (tmp_path / "sweep").glob("*") if p.is_dir()]
+
+
+def test_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
+    # a batch larger than the training set passes config checks but fails when the data is loaded
+    result = sweep(tmp_path / "sweep", "data.batch_size=64,5000", "aug=none")
+    assert result.returncode == 1
+    assert sorted(job_results(tmp_path / "sweep")) == [0]
+    assert "1 of 2 jobs did not finish" in result.stderr
+    assert "#1 data.batch_size=5000: ConfigError: data.batch_size=5000 x trainer.accumulate=1 is more" in result.stderr
+    rows = report_rows(tmp_path / "sweep")
+    assert [row["status"].split(" ")[0] for row in rows] == ["1/1", "0/1"]
+    assert "#1 failed" in rows[1]["status"]
+
+
+def test_relaunch_skips_finished_jobs_and_resumes_the_killed_one(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, "aug=none,cutout,cutmix", "trainer.epochs=4",
+            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (sweep_dir / "1" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)  # the whole sweep dies, mid-way through job 1
+    launcher.wait(30)
+    assert (sweep_dir / "0" / "results.json").exists() and not (sweep_dir / "1" / "results.json").exists()
+    first_results = (sweep_dir / "0" / "results.json").read_bytes()
+    first_mtime = (sweep_dir / "0" / "last.pt").stat().st_mtime_ns
+
+    relaunch = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert sorted(job_results(sweep_dir)) == [0, 1, 2]
+    assert (sweep_dir / "0" / "results.json").read_bytes() == first_results
+    assert (sweep_dir / "0" / "last.pt").stat().st_mtime_ns == first_mtime
+    log = (sweep_dir / "1" / "train.log").read_text()
+    assert "resumed from" in log
+    epochs = [json.loads(line)["epoch"] for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_relaunch_with_a_changed_config_is_refused(tmp_path: Path) -> None:
+    assert sweep(tmp_path / "sweep", "aug=none").returncode == 0
+    result = sweep(tmp_path / "sweep", "aug=none", "smoothing=0.3")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'sweep' / '0'} holds a run of another config (smoothing: 0.0 -> 0.3)" in result.stderr
