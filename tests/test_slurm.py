@@ -1,0 +1,105 @@
+"""Sweeps on a real single-node SLURM cluster (tests/slurm/cluster.sh): arrays, preemption, failures, bad grids.
+
+CI starts the cluster before the tests; elsewhere these tests are skipped when no cluster answers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.sweeps import SWEEP, assert_report_means, job_results
+from tests.wandb_offline import offline_runs, read_offline_run
+
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=60", "hydra.launcher.signal_delay_s=30"]  # fmt: skip
+
+
+def cluster_answers() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return result.returncode == 0 and any(state in result.stdout for state in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    if not cluster_answers():
+        if os.environ.get("CI"):
+            pytest.fail("no SLURM cluster answers; .ci/run starts one with tests/slurm/cluster.sh")
+        pytest.skip(
+            "no SLURM cluster (start one: sudo tests/slurm/cluster.sh install && sudo tests/slurm/cluster.sh start)"
+        )
+
+
+def queue() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+def slurm_sweep(sweep_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, *overrides,
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_sweep_runs_as_a_slurm_array_and_reports(tmp_path: Path) -> None:
+    result = slurm_sweep(tmp_path / "sweep", "aug=none,cutmix", "seed=0,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(job_results(tmp_path / "sweep")) == [0, 1, 2, 3]
+    logs = sorted((tmp_path / "sweep" / ".submitit").glob("*_*/*_log.out"))
+    array_ids = {p.parent.name.split("_")[0] for p in logs}
+    assert len(logs) == 4 and len(array_ids) == 1  # each job ran as a task of one SLURM array
+    assert_report_means(tmp_path / "sweep", cells=2)
+
+
+def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    # two identical jobs (log_every only changes logging): job 0 is preempted, job 1 is the reference
+    args = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, "trainer.epochs=25", "aug=cutmix",
+            "model.dropout=0.1", "trainer.log_every=50,51", "logger=wandb", "logger.mode=offline",
+            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = sweep_dir / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    [job] = [j for j in queue() if j.endswith("_0")]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends on preemption
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, output[-3000:]
+
+    log = (sweep_dir / "0" / "train.log").read_text()
+    assert "received SIGUSR2: checkpointing at the next step" in log
+    assert "resumed from" in log and log.count("test (best epoch") == 1
+    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, 26))
+    preempted = torch.load(sweep_dir / "0" / "last.pt", weights_only=False)
+    reference = torch.load(sweep_dir / "1" / "last.pt", weights_only=False)
+    assert preempted["progress"]["step"] == reference["progress"]["step"]
+    for key, value in reference["model"].items():
+        assert torch.equal(preempted["model"][key], value), key
+    runs = [read_offline_run(folder) for folder in offline_runs(sweep_dir / "0")]
+    assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
+    assert runs[0]["group"] == runs[1]["group"] == f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
+
+
+def test_failing_job_is_reported_and_the_others_finish(tmp_path: Path) -> None:
+    result = slurm_sweep(tmp_path / "sweep", "data.batch_size=64,5000")
+    assert result.returncode == 1
+    assert sorted(job_results(tmp_path / "sweep")) == [0]
+    assert "#1 data.batch_size=5000: ConfigError: data.batch_size=5000 x trainer.accumulate=1 is more" in result.stderr
+
+
+def test_bad_grid_submits_nothing(tmp_path: Path) -> None:
+    before = queue()
+    result = slurm_sweep(tmp_path / "sweep", "smoothing=0,2")
+    assert result.returncode == 2 and "job #1 (smoothing=2): smoothing=2.0 is not allowed" in result.stderr
+    assert not (tmp_path / "sweep" / ".submitit").exists()
+    assert queue() == before
