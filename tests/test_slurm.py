@@ -19,8 +19,14 @@ from tests.conftest import REPO
 from tests.sweeps import SWEEP, assert_report_means, job_results
 from tests.wandb_offline import offline_runs, read_offline_run
 
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=60", "hydra.launcher.signal_delay_s=30"]  # fmt: skip
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=60",
+    "hydra.launcher.signal_delay_s=30",
+]
 
 
 def cluster_answers() -> bool:
@@ -45,8 +51,13 @@ def queue() -> list[str]:
 
 
 def slurm_sweep(sweep_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, *overrides,
-                           f"hydra.sweep.dir={sweep_dir}"], cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_sweep_runs_as_a_slurm_array_and_reports(tmp_path: Path) -> None:
@@ -62,9 +73,20 @@ def test_sweep_runs_as_a_slurm_array_and_reports(tmp_path: Path) -> None:
 def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     # two identical jobs (log_every only changes logging): job 0 is preempted, job 1 is the reference
-    args = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, "trainer.epochs=25", "aug=cutmix",
-            "model.dropout=0.1", "trainer.log_every=50,51", "logger=wandb", "logger.mode=offline",
-            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *SWEEP,
+        *SLURM,
+        "trainer.epochs=25",
+        "aug=cutmix",
+        "model.dropout=0.1",
+        "trainer.log_every=50,51",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = sweep_dir / "0" / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -34,8 +34,9 @@ def test_named_sweep_combines_with_shell_overrides(tmp_path: Path) -> None:
 
 
 def test_submitit_local_launcher(tmp_path: Path) -> None:
-    result = sweep(tmp_path / "sweep", "aug=none,cutmix", "hydra/launcher=submitit_local",
-                   "hydra.launcher.timeout_min=10")  # fmt: skip
+    result = sweep(
+        tmp_path / "sweep", "aug=none,cutmix", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(job_results(tmp_path / "sweep")) == [0, 1]
     assert_report_means(tmp_path / "sweep", cells=2)
@@ -64,10 +65,18 @@ def test_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
 
 def test_relaunch_skips_finished_jobs_and_resumes_the_killed_one(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, "aug=none,cutout,cutmix", "trainer.epochs=4",
-            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *SWEEP,
+        "aug=none,cutout,cutmix",
+        "trainer.epochs=4",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    launcher = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not (sweep_dir / "1" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)

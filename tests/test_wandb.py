@@ -16,8 +16,18 @@ from vitexp import engine
 from vitexp.engine import NonFiniteLossError
 from vitexp.models import VisionTransformer
 
-RUN = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "aug=cutmix", "smoothing=0.1",
-       "logger=wandb", "logger.project=vitexp-tests", "logger.group=g1", "logger.init_timeout=5"]  # fmt: skip
+RUN = [
+    *TINY,
+    "data=digits",
+    "trainer.epochs=2",
+    "data.batch_size=128",
+    "aug=cutmix",
+    "smoothing=0.1",
+    "logger=wandb",
+    "logger.project=vitexp-tests",
+    "logger.group=g1",
+    "logger.init_timeout=5",
+]
 
 
 def closed_port() -> int:

@@ -55,8 +55,13 @@ def _read_once(path: Path) -> dict[str, Any]:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            out |= {"run_id": run.run_id, "project": run.project, "group": run.run_group,
-                    "job_type": run.job_type, "name": run.display_name}  # fmt: skip
+            out |= {
+                "run_id": run.run_id,
+                "project": run.project,
+                "group": run.run_group,
+                "job_type": run.job_type,
+                "name": run.display_name,
+            }
             out["config"] |= {_key(i): json.loads(i.value_json) for i in run.config.update}
         elif kind == "config":
             out["config"] |= {_key(i): json.loads(i.value_json) for i in record.config.update}
