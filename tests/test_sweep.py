@@ -12,17 +12,26 @@ from pathlib import Path
 
 from tests.conftest import REPO
 from tests.sweeps import SWEEP, assert_report_means, job_results, report_rows, sweep
+from tests.wandb_offline import offline_runs, read_offline_run
 
 GRID = ["aug=none,cutmix", "seed=0,1"]
 
 
-def test_basic_launcher_runs_the_grid_and_reports_means(tmp_path: Path) -> None:
-    result = sweep(tmp_path / "sweep", *GRID)
+def test_basic_launcher_runs_the_grid_reports_means_and_groups_wandb_runs(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "2026-11-23" / "12-00-00"
+    result = sweep(sweep_dir, *GRID, "logger=wandb", "logger.mode=offline")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(job_results(tmp_path / "sweep")) == [0, 1, 2, 3]
-    assert_report_means(tmp_path / "sweep", cells=2)
-    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert sorted(job_results(sweep_dir)) == [0, 1, 2, 3]
+    assert_report_means(sweep_dir, cells=2)
+    report = (sweep_dir / "report.md").read_text()
     assert "| vit | cutmix | 0 |" in report and "## vit: test accuracy (%), aug × smoothing" in report
+    runs = [read_offline_run(offline_runs(sweep_dir / str(n))[0]) for n in range(4)]
+    assert len({run["run_id"] for run in runs}) == 4  # one W&B run per job, never merged
+    assert {run["group"] for run in runs} == {"sweep-2026-11-23-12-00-00"}
+    assert runs[3]["name"].endswith("aug=cutmix,seed=1") and runs[3]["job_type"] == "vit"
+    [report_run] = [read_offline_run(folder) for folder in offline_runs(sweep_dir)]
+    assert report_run["group"] == "sweep-2026-11-23-12-00-00" and report_run["job_type"] == "report"
+    assert [row["sweep_report.nrows"] for row in report_run["history"]] == [2]  # the table, one row per cell
 
 
 def test_named_sweep_combines_with_shell_overrides(tmp_path: Path) -> None:
