@@ -158,3 +158,12 @@ def test_crop_flip_resize_matches_slicing_for_whole_pixel_boxes() -> None:
 def test_center_crop_takes_the_middle() -> None:
     images = torch.arange(10 * 10).view(1, 1, 10, 10)
     assert torch.equal(center_crop(images, 4), images[..., 3:7, 3:7])
+
+
+def test_cutout_default_hole_is_a_quarter_of_the_image() -> None:
+    data = DataConfig(img_size=32, crop_pct=1.0, mean=[0, 0, 0], std=[1, 1, 1])
+    pipeline = BatchAugment(data, CutoutConfig(length=None, p=1.0), 10, 0.0, torch.device("cpu"), seed=0)
+    images = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
+    x, _ = pipeline(images, torch.zeros(64, dtype=torch.long))
+    holes = (x[:, 0] == 0).sum(dim=(1, 2))
+    assert holes.max() == 8 * 8 and holes.min() >= 4 * 4  # 8 px holes, clipped at the border

@@ -119,3 +119,9 @@ def test_cli_fails_before_touching_data(tmp_path: Path, override: str, expected:
     assert expected in result.stderr
     assert not root.exists(), "validation must fail before the dataset is touched"
     assert "Traceback" not in result.stderr
+
+
+def test_cutout_hole_must_fit_the_image(make_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"aug.length=300 is not allowed: expected at most data.img_size=224 pixels"):
+        validate(make_cfg("aug=cutout", "aug.length=300"))
+    assert validate(make_cfg("aug=cutout")).aug.length is None  # a quarter of the image side

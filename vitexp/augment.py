@@ -161,7 +161,7 @@ class BatchAugment:
         y = F.one_hot(labels, self.num_classes).float()
         aug = self.aug
         if isinstance(aug, CutoutConfig):
-            x = cutout(x, aug.n_holes, aug.length, aug.p, self.gen)
+            x = cutout(x, aug.n_holes, aug.length or self.data.img_size // 4, aug.p, self.gen)
         elif isinstance(aug, MixupConfig):
             perm = torch.randperm(n, device=images.device, generator=self.gen)
             lam = float(self.np_rng.beta(aug.alpha, aug.alpha)) if self.np_rng.random() < aug.p else 1.0

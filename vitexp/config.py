@@ -73,12 +73,12 @@ class AugConfig:
 class CutoutConfig(AugConfig):
     name: str = "cutout"
     n_holes: int = 1
-    length: int = 16
+    length: int | None = None  # side of a hole in pixels; None: a quarter of data.img_size
     p: float = 1.0
 
     def rules(self) -> Iterator[Rule]:
         yield "n_holes", self.n_holes >= 1, "an integer >= 1"
-        yield "length", self.length >= 1, "an integer >= 1 (pixels)"
+        yield "length", self.length is None or self.length >= 1, "an integer >= 1 (pixels) or null"
         yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
 
 
@@ -258,6 +258,8 @@ class Config:
         size, model = self.data.img_size, self.model
         if isinstance(model, ViTConfig):
             yield "model.patch_size", size % model.patch_size == 0, f"a divisor of data.img_size={size}"
+        if isinstance(self.aug, CutoutConfig) and self.aug.length is not None:
+            yield "aug.length", self.aug.length <= size, f"at most data.img_size={size} pixels"
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
