@@ -181,3 +181,13 @@ def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -
     big, accumulated = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
     for key in big:  # the same samples per step, so the same updates up to float summation order
         torch.testing.assert_close(accumulated[key], big[key], atol=2e-5, rtol=1e-4)
+
+
+def test_a_directory_in_use_by_another_run_is_refused(make_cfg, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with FileLock(str(run_dir / ".run.lock")), pytest.raises(RunConflictError, match="in use by another running job"):
+        fit(make_cfg, run_dir)
+    assert not (run_dir / "last.pt").exists()

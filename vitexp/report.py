@@ -128,11 +128,14 @@ class Report:
 
 
 def markdown(cells: list[Cell]) -> str:
+    show_other = any(cell.other for cell in cells)  # a column for other varying overrides, when there are any
     lines = [
-        "| model | aug | smoothing | other | params | "
+        "| model | aug | smoothing | "
+        + ("other | " if show_other else "")
+        + "params | "
         + " | ".join(name for _, name in METRICS)
         + " | epoch time (s) | seeds |",
-        "|---" * (7 + len(METRICS)) + "|",
+        "|---" * (6 + show_other + len(METRICS)) + "|",
     ]
     for cell in cells:
         metrics = [
@@ -142,7 +145,9 @@ def markdown(cells: list[Cell]) -> str:
         params = f"{cell.results[0]['params']:,}" if cell.results else "—"
         epoch = cell.mean_std([r["epoch_time_s"] for r in cell.results])[0]
         lines.append(
-            f"| {cell.model} | {cell.aug} | {cell.smoothing:g} | {cell.other or ''} | {params} | "
+            f"| {cell.model} | {cell.aug} | {cell.smoothing:g} | "
+            + (f"{cell.other} | " if show_other else "")
+            + f"{params} | "
             + " | ".join(metrics)
             + f" | {'—' if math.isnan(epoch) else f'{epoch:.1f}'} | {cell.status} |"
         )
