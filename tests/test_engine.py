@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,9 @@ def test_resume_after_an_epoch_gives_identical_weights_and_metrics(make_cfg, tmp
     assert straight["test"] == resumed["test"]
 
 
-def test_resume_mid_epoch_gives_identical_weights(make_cfg, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_resume_mid_epoch_gives_identical_weights(make_cfg, tmp_path: Path, monkeypatch, on_device: str) -> None:
+    make_cfg = partial(make_cfg, f"data.on_device={on_device}")
     fit(make_cfg, tmp_path / "straight")
     original_step = Trainer.optimizer_step
 

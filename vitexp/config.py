@@ -104,7 +104,8 @@ class CutMixConfig(AugConfig):
         yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
 
 
-DATASETS = ("pets", "digits")
+DATASETS = ("pets", "digits", "cifar10", "fmnist", "synthetic")
+POLICIES = ("none", "autoaugment", "trivialaugment", "randaugment")
 
 
 @dataclass
@@ -114,6 +115,9 @@ class DataConfig:
     download: bool = True
     img_size: int = 224
     crop_pct: float = 0.875  # stored images are img_size / crop_pct; eval takes the center crop
+    cache: bool = True  # decode once into a uint8 cache next to the dataset (Pets)
+    on_device: str = "auto"  # keep the uint8 splits on the training device: auto, true or false
+    policy: str = "none"  # per-image CPU policy in DataLoader workers: autoaugment, trivialaugment, randaugment
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 4
@@ -128,6 +132,13 @@ class DataConfig:
     def rules(self) -> Iterator[Rule]:
         yield "name", self.name in DATASETS, f"one of {', '.join(DATASETS)}"
         yield "img_size", self.img_size >= 8, "an integer >= 8"
+        yield "on_device", self.on_device.lower() in ("auto", "true", "false"), "auto, true or false"
+        yield "policy", self.policy in POLICIES, f"one of {', '.join(POLICIES)}"
+        yield (
+            "on_device",
+            not (self.on_device.lower() == "true" and self.policy != "none"),
+            ("auto or false with a per-image data.policy (it runs in DataLoader workers)"),
+        )
         yield "crop_pct", 0 < self.crop_pct <= 1, "a float in (0, 1]"
         yield "batch_size", self.batch_size >= 1, "an integer >= 1"
         yield "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"

@@ -8,11 +8,15 @@ which is what makes mid-epoch resume exact.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +25,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.datasets import OxfordIIITPet
 from torchvision.transforms import v2
+from tqdm import tqdm
 
+from vitexp.checkpoint import atomic_write
 from vitexp.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -170,19 +176,125 @@ def prepare_pets(root: Path, download: bool) -> Path:
     return base
 
 
+CACHE_VERSION = 1  # bump when the decoding changes, so no stale cache is ever read
+
+
+def decode_all(dataset: Dataset, num_workers: int, what: str) -> TensorDataset:
+    """Decode every image once (DataLoader workers) into one uint8 tensor."""
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
+    images, labels = [], []
+    for batch_images, batch_labels in tqdm(loader, desc=f"decoding {what}", disable=not sys.stderr.isatty()):
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return TensorDataset(torch.cat(images), torch.cat(labels).long())
+
+
+def cached(dataset: Dataset, cache_dir: Path, key: dict[str, Any], num_workers: int) -> TensorDataset:
+    """`dataset` as uint8 tensors, decoded once into a cache file keyed by everything that shapes the pixels.
+
+    Jobs starting together wait on a file lock while the first one decodes; a cache that does not
+    match its key, its length or its dtype is rebuilt, never used.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"{key['split']}-{key['size']}px-{digest}.pt"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                images, labels = state["images"], state["labels"]
+                if state["key"] == key and images.dtype == torch.uint8 and len(images) == len(labels) == len(dataset):
+                    return TensorDataset(images, labels)
+                log.warning("cache %s does not match its dataset; rebuilding it", path)
+            except Exception as err:  # a truncated or foreign file
+                log.warning("cache %s is unreadable (%s); rebuilding it", path, err)
+        data = decode_all(dataset, num_workers, f"{key['dataset']} {key['split']}")
+        images, labels = data.tensors
+        atomic_write(path, lambda file: torch.save({"key": key, "images": images, "labels": labels}, file))
+        log.info("cached %d images of %s %s in %s", len(images), key["dataset"], key["split"], path)
+        return data
+
+
+def split_tensors(data: TensorDataset, idx: list[int]) -> TensorDataset:
+    return TensorDataset(*(t[idx] for t in data.tensors))
+
+
 def load_pets(cfg: DataConfig) -> Splits:
     root = Path(cfg.root).expanduser()
-    prepare_pets(root, cfg.download)
-    trainval = PetsImages(root, "trainval", cfg.stored_size)
-    test = PetsImages(root, "test", cfg.stored_size)
-    train_idx, val_idx = stratified_split(trainval.labels, cfg.val_fraction, cfg.split_seed)
+    base = prepare_pets(root, cfg.download)
+    trainval: Dataset = PetsImages(root, "trainval", cfg.stored_size)
+    test: Dataset = PetsImages(root, "test", cfg.stored_size)
+    labels = trainval.labels
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if cfg.cache:
+
+        def key(split: str) -> dict[str, Any]:
+            listing = (base / "annotations" / f"{split}.txt").read_bytes()
+            return {
+                "dataset": "pets",
+                "split": split,
+                "size": cfg.stored_size,
+                "version": CACHE_VERSION,
+                "listing": hashlib.sha256(listing).hexdigest(),
+            }
+
+        trainval = cached(trainval, base / ".vitexp-cache", key("trainval"), cfg.num_workers)
+        test = cached(test, base / ".vitexp-cache", key("test"), cfg.num_workers)
+        train, val = split_tensors(trainval, train_idx), split_tensors(trainval, val_idx)
+    else:
+        train, val = torch.utils.data.Subset(trainval, train_idx), torch.utils.data.Subset(trainval, val_idx)
+    return Splits(train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+
+
+def to_stored(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, H, W[, C]) arrays as uint8 (N, 3, size, size), resized only when the size differs."""
+    images = images.unsqueeze(-1) if images.ndim == 3 else images
+    images = images.permute(0, 3, 1, 2).expand(-1, 3, -1, -1) if images.shape[-1] == 1 else images.permute(0, 3, 1, 2)
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+def load_torchvision_arrays(cfg: DataConfig) -> Splits:
+    """CIFAR-10 and Fashion-MNIST: torchvision's classes hold the whole split in memory already."""
+    from torchvision.datasets import CIFAR10, FashionMNIST
+
+    dataset_class = {"cifar10": CIFAR10, "fmnist": FashionMNIST}[cfg.name]
+    root = Path(cfg.root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{cfg.name}.lock")):  # one download for a whole sweep
+        splits = [dataset_class(str(root), train=train, download=cfg.download) for train in (True, False)]
+    tensors = []
+    for split in splits:
+        images = torch.as_tensor(np.asarray(split.data))
+        tensors.append(TensorDataset(to_stored(images, cfg.stored_size), torch.as_tensor(split.targets).long()))
+    train_idx, val_idx = stratified_split(tensors[0].tensors[1].tolist(), cfg.val_fraction, cfg.split_seed)
+    classes = list(splits[0].classes)
     return Splits(
-        train=torch.utils.data.Subset(trainval, train_idx),
-        val=torch.utils.data.Subset(trainval, val_idx),
-        test=test,
-        num_classes=len(PETS_CLASSES),
-        class_names=PETS_CLASSES,
+        split_tensors(tensors[0], train_idx),
+        split_tensors(tensors[0], val_idx),
+        tensors[1],
+        num_classes=len(classes),
+        class_names=classes,
     )
+
+
+SYNTHETIC_IMAGES, SYNTHETIC_CLASSES = 4096, 10
+
+
+def load_synthetic(cfg: DataConfig) -> Splits:
+    """Random images for benchmarks and smoke tests: real shapes, no files, nothing to learn."""
+    generator = torch.Generator().manual_seed(cfg.split_seed)
+    size = cfg.stored_size
+
+    def make(n: int) -> TensorDataset:
+        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        return TensorDataset(images, torch.randint(0, SYNTHETIC_CLASSES, (n,), generator=generator))
+
+    n_val = round(SYNTHETIC_IMAGES * cfg.val_fraction)
+    names = [str(i) for i in range(SYNTHETIC_CLASSES)]
+    return Splits(make(SYNTHETIC_IMAGES - n_val), make(n_val), make(1024), SYNTHETIC_CLASSES, names)
 
 
 DIGITS_TEST_FRACTION = 0.2
@@ -210,7 +322,13 @@ def load_digits_splits(cfg: DataConfig) -> Splits:
 
 
 def build_splits(cfg: DataConfig) -> Splits:
-    loaders = {"pets": load_pets, "digits": load_digits_splits}
+    loaders = {
+        "pets": load_pets,
+        "digits": load_digits_splits,
+        "cifar10": load_torchvision_arrays,
+        "fmnist": load_torchvision_arrays,
+        "synthetic": load_synthetic,
+    }
     return loaders[cfg.name](cfg)
 
 
@@ -228,13 +346,63 @@ class EpochOrder(Sampler[int]):
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> torch.Tensor:
+        """The sample indices still to train on in this epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
-        return iter(order[self.start_batch * self.batch_size : self.batches_per_epoch * self.batch_size].tolist())
+        return order[self.start_batch * self.batch_size : self.batches_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class DeviceData:
+    """A split held as uint8 tensors on the training device: a batch is one indexing op, no DataLoader."""
+
+    def __init__(self, dataset: TensorDataset, device: torch.device) -> None:
+        self.images, self.labels = (tensor.to(device) for tensor in dataset.tensors)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, indices: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in `indices` order (a whole epoch's permutation), or in storage order for evaluation."""
+        if indices is None:
+            for start in range(0, len(self), batch_size):
+                yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            return
+        indices = indices.to(self.images.device)
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+POLICIES = {
+    "autoaugment": lambda name: v2.AutoAugment(
+        v2.AutoAugmentPolicy.CIFAR10 if name == "cifar10" else v2.AutoAugmentPolicy.IMAGENET
+    ),
+    "trivialaugment": lambda name: v2.TrivialAugmentWide(),
+    "randaugment": lambda name: v2.RandAugment(),
+}
+
+
+class PolicyImages(Dataset):
+    """A per-image augmentation policy (AutoAugment & co.) run on uint8 images in the DataLoader workers."""
+
+    def __init__(self, dataset: Dataset, policy: str, dataset_name: str) -> None:
+        self.dataset, self.transform = dataset, POLICIES[policy](dataset_name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sampler | None, pin: bool) -> DataLoader:
@@ -247,7 +415,7 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sam
         shuffle=False,
         num_workers=cfg.num_workers,
         pin_memory=pin,
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=cfg.num_workers > 0 and cfg.policy == "none",  # else workers reseed every epoch
         drop_last=False,
         generator=torch.Generator(),
     )

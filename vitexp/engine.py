@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from vitexp import checkpoint
 from vitexp.augment import BatchAugment
 from vitexp.cluster import PreemptionHandler
-from vitexp.config import Config, ConfigError, config_diff, config_hash, semantic_config, validate
-from vitexp.data import EpochOrder, build_splits, make_loader
+from vitexp.config import Config, ConfigError, DataConfig, config_diff, config_hash, semantic_config, validate
+from vitexp.data import DeviceData, EpochOrder, PolicyImages, Splits, build_splits, make_loader
 from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters, param_groups
@@ -56,6 +58,34 @@ class Progress:
     best_epoch: int = -1
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
+
+
+SPLITS = ("train", "val", "test")
+DEVICE_MEMORY_SHARE = 0.3  # auto keeps data on the GPU only while it takes at most this share of free memory
+
+
+def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bool:
+    """Whether the splits live on the training device (batches by indexing) instead of behind a DataLoader."""
+    mode = data.on_device.lower()
+    in_memory = all(isinstance(getattr(splits, name), TensorDataset) for name in SPLITS)
+    if mode == "false" or data.policy != "none":
+        return False
+    if not in_memory:
+        if mode == "true":
+            raise ConfigError("data.on_device=true is not allowed with data.cache=false: the images are not in memory")
+        return False
+    if mode == "true" or device.type != "cuda":
+        return True
+    size = sum(t.nelement() * t.element_size() for name in SPLITS for t in getattr(splits, name).tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > DEVICE_MEMORY_SHARE * free:
+        log.info(
+            "data (%.1f GB) stays in host memory: more than %d%% of free GPU memory",
+            size / 1e9,
+            DEVICE_MEMORY_SHARE * 100,
+        )
+        return False
+    return True
 
 
 def select_device(name: str) -> torch.device:
@@ -116,9 +146,18 @@ class Trainer:
                 f"{len(self.splits.train)} training images: lower them"
             )
         self.order = EpochOrder(len(self.splits.train), data.batch_size, micro_batches, seed=cfg.seed)
-        self.train_loader = make_loader(self.splits.train, data.batch_size, data, self.order, pin)
-        self.val_loader = make_loader(self.splits.val, data.eval_batch_size, data, None, pin)
-        self.test_loader = make_loader(self.splits.test, data.eval_batch_size, data, None, pin)
+        self.resident = keep_on_device(data, self.splits, self.device)
+        if self.resident:
+            self.device_data = {name: DeviceData(getattr(self.splits, name), self.device) for name in SPLITS}
+        else:
+            train = self.splits.train
+            if data.policy != "none":
+                train = PolicyImages(train, data.policy, data.name)
+            self.loaders = {
+                "train": make_loader(train, data.batch_size, data, self.order, pin),
+                "val": make_loader(self.splits.val, data.eval_batch_size, data, None, pin),
+                "test": make_loader(self.splits.test, data.eval_batch_size, data, None, pin),
+            }
         self.steps_per_epoch = micro_batches // cfg.trainer.accumulate
 
         self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
@@ -213,10 +252,9 @@ class Trainer:
         """Train the rest of `epoch`; return False if stopped early by a stop request."""
         trainer = self.cfg.trainer
         self.model.train()
-        self.order.set_position(epoch, self.progress.batch)
         window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(
-            self.train_loader,
+            self.batches("train", epoch),
             desc=f"epoch {epoch + 1}/{trainer.epochs}",
             leave=False,
             disable=not sys.stderr.isatty(),
@@ -286,10 +324,22 @@ class Trainer:
         self.progress.step += 1
 
     @torch.inference_mode()
-    def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    def batches(self, split: str, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """A split's batches: the rest of `epoch` in its seeded order for train, storage order otherwise."""
+        if split == "train":
+            self.order.set_position(epoch, self.progress.batch)
+            if not self.resident:  # seeds the workers (per-image policies) from (seed, epoch) too
+                self.loaders["train"].generator.manual_seed(self.cfg.seed * 100_003 + epoch)
+        if self.resident:
+            indices = self.order.indices() if split == "train" else None
+            size = self.cfg.data.batch_size if split == "train" else self.cfg.data.eval_batch_size
+            return self.device_data[split].batches(size, indices)
+        return self.loaders[split]
+
+    def evaluate(self, split: str) -> dict[str, float]:
         self.model.eval()
         meter = EvalMeter(self.num_classes, self.device)
-        for images, labels in loader:
+        for images, labels in self.batches(split):
             images, labels = self.to_device(images, labels)
             inputs = self.augment.eval_batch(images)
             if self.channels_last:
@@ -345,7 +395,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
         train = self.train_means.compute()
-        val = self.evaluate(self.val_loader)
+        val = self.evaluate("val")
         self.train_means.reset()
         self.progress.epoch, self.progress.batch = epoch + 1, 0
         if val["acc"] > self.progress.best_acc:
@@ -362,7 +412,7 @@ class Trainer:
     def finish(self, logger: RunLogger, wall: float, img_per_s: float, epoch_times: list[float]) -> dict[str, Any]:
         best = checkpoint.load(self.best_path)
         self.model.load_state_dict(best["model"])
-        test = self.evaluate(self.test_loader)
+        test = self.evaluate("test")
         rows = read_jsonl(logger.metrics_path)
         results = {
             "test": test,
