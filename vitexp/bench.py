@@ -1,0 +1,443 @@
+"""Benchmarks against what users would otherwise run: `python -m vitexp.bench --help`.
+
+Each comparison runs both sides in this process on the same model and data and prints one markdown
+row (and appends the table to `--out`):
+  pipeline  one epoch of vitexp's data path (decoded once, device-resident, batched augmentation) vs a
+            torchvision DataLoader + PIL transforms pipeline, same augmentations and workers, same JPEGs
+  overhead  vitexp's training step (metrics, non-finite checks, scheduler) vs a bare PyTorch loop
+  lightning the same training written as a LightningModule + Trainer, as the seed lab does
+  model     the scratch ViT vs torchvision's VisionTransformer of identical shape, forward + backward
+  gpu       (CUDA only) data-wait share of the step, real vs synthetic data, and MFU against bf16 peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitexp.augment import BatchAugment
+from vitexp.config import AugConfig, DataConfig, ViTConfig, register_schemas
+from vitexp.data import DeviceData, EpochOrder, PetsImages, cached
+from vitexp.models import VisionTransformer, build_model, count_parameters
+
+Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, work: Callable[[], object]) -> float:
+    sync(device)
+    start = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def write_pets_like(root: Path, n: int) -> Path:
+    """`n` JPEGs of Pets' typical size (~500x375) in the real Oxford-IIIT Pet layout, 37 breeds."""
+    base = root / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True, exist_ok=True)
+    (base / "annotations").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    ramp = np.linspace(0, 1, 500)[None, :, None]
+    for i in range(n):
+        label = i % 37 + 1
+        colour = rng.integers(0, 256, 3)
+        pixels = colour * (0.5 + 0.5 * ramp) + rng.normal(0, 12, (375, 500, 3))
+        name = f"breed{label}_{i}"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(base / "images" / f"{name}.jpg", quality=90)
+        lines.append(f"{name} {label} 1 1")
+    for split in ("trainval", "test"):
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    (base / ".vitexp-complete").write_text("ok\n")
+    return root
+
+
+def bench_pipeline(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    data = DataConfig(img_size=args.img_size, batch_size=args.batch_size, num_workers=args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_pets_like(Path(tmp), args.images)
+        paths = sorted((root / "oxford-iiit-pet" / "images").glob("*.jpg"))
+        reference = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(args.img_size, scale=tuple(data.crop_scale), ratio=tuple(data.crop_ratio)),
+                transforms.RandomHorizontalFlip(data.hflip),
+                transforms.ToTensor(),
+                transforms.Normalize(data.mean, data.std),
+            ]
+        )
+        files = [(str(p), i % 37) for i, p in enumerate(paths)]
+
+        class JpegFolder(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return len(files)
+
+            def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+                return reference(Image.open(files[i][0]).convert("RGB")), files[i][1]
+
+        loader = DataLoader(
+            JpegFolder(),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=args.workers > 0,
+            drop_last=True,
+        )
+
+        def torchvision_epoch() -> None:
+            for images, _ in loader:
+                images.to(device, non_blocking=True)
+
+        torchvision_epoch()  # start the workers and warm the page cache
+        baseline = min(timed(device, torchvision_epoch) for _ in range(2))
+
+        start = time.perf_counter()
+        pets = PetsImages(root, "trainval", data.stored_size)
+        key = {"dataset": "bench", "split": "trainval", "size": data.stored_size, "version": 0}
+        split = cached(pets, root / "cache", key, args.workers)
+        build = time.perf_counter() - start
+        resident = DeviceData(split, device)
+        augment = BatchAugment(data, AugConfig(), 37, 0.0, device, seed=0)
+        order = EpochOrder(len(resident), args.batch_size, len(resident) // args.batch_size, seed=0)
+
+        def vitexp_epoch() -> None:
+            for images, labels in resident.batches(args.batch_size, order.indices()):
+                augment(images, labels)
+
+        vitexp_epoch()
+        ours = min(timed(device, vitexp_epoch) for _ in range(3))
+    n = len(files) // args.batch_size * args.batch_size
+    return [
+        (
+            "pipeline: epoch of Pets-like JPEGs",
+            f"{ours:.2f} s ({n / ours:,.0f} img/s)",
+            f"{baseline:.2f} s ({n / baseline:,.0f} img/s)",
+            f"{baseline / ours:.1f}x faster",
+            ">= 10x",
+        ),
+        ("pipeline: one-time decode into the cache", f"{build:.2f} s", "—", "—", "once per dataset and size"),
+    ]
+
+
+def build_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str], data: str = "data=synthetic"):
+    """A real vitexp Trainer (composed from conf/), by default on synthetic data, sized by the benchmark options."""
+    from hydra import compose, initialize_config_dir
+
+    from vitexp.config import validate
+    from vitexp.engine import Trainer
+
+    register_schemas()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"model={args.model}",
+                data,
+                f"data.img_size={args.img_size}",
+                f"data.batch_size={args.batch_size}",
+                "logger=none",
+                f"trainer.device={args.device}",
+                "trainer.clip_grad_norm=0",
+                "aug=none",
+                *overrides,
+            ],
+        )
+    from omegaconf import OmegaConf
+
+    trainer = Trainer(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), {})
+    trainer.order.batches_per_epoch = args.steps
+    return trainer
+
+
+def timed_steps(trainer, device: torch.device, repeats: int = 3) -> float:
+    """Seconds per training step of `trainer`, best of `repeats` runs of `--steps` steps after a warm-up."""
+
+    def steps() -> None:
+        trainer.progress.batch = 0
+        trainer.train_epoch(0)
+
+    steps()
+    return min(timed(device, steps) for _ in range(repeats)) / trainer.order.batches_per_epoch
+
+
+def bare_loop(
+    model: torch.nn.Module,
+    batches: Callable[[], Iterator],
+    augment: BatchAugment,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    lr: float,
+) -> None:
+    """What a user would write by hand: the reference for vitexp's per-step overhead."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=next(model.parameters()).is_cuda)
+    model.train()
+    for images, labels in batches():
+        inputs, targets = augment(images, labels)
+        with autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def bench_overhead(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(args, Path(tmp), [])
+        reference = copy.deepcopy(trainer.model)
+        data = trainer.device_data["train"]
+
+        def batches() -> Iterator:
+            return data.batches(args.batch_size, torch.arange(args.steps * args.batch_size) % len(data))
+
+        ours = timed_steps(trainer, device)
+        bare_loop(reference, batches, trainer.augment, trainer.autocast, 1e-3)  # warm-up
+        bare = (
+            min(
+                timed(device, lambda: bare_loop(reference, batches, trainer.augment, trainer.autocast, 1e-3))
+                for _ in range(3)
+            )
+            / args.steps
+        )
+    return [
+        (
+            "overhead: training step vs a bare loop",
+            f"{ours * 1e3:.1f} ms/step",
+            f"{bare * 1e3:.1f} ms/step",
+            f"{ours / bare:.3f}x the bare loop",
+            "<= 1.02x",
+        )
+    ]
+
+
+def bench_lightning(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    try:
+        import lightning as L
+    except ImportError:
+        return [("lightning: same training as a LightningModule", "—", "not installed", "—", "pip install lightning")]
+    from torch.utils.data import DataLoader, TensorDataset
+    from torchmetrics import Accuracy, F1Score, MetricCollection, Precision, Recall
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(args, Path(tmp), [])
+        train = trainer.splits.train
+        augment, classes = trainer.augment, trainer.num_classes
+
+        class LitModel(L.LightningModule):  # as in the seed lab: torchmetrics logged every step
+            def __init__(self, model: torch.nn.Module) -> None:
+                super().__init__()
+                self.model = model
+                metrics = {
+                    "accuracy": Accuracy(task="multiclass", num_classes=classes),
+                    "precision": Precision(task="multiclass", num_classes=classes, average="macro"),
+                    "recall": Recall(task="multiclass", num_classes=classes, average="macro"),
+                    "f1": F1Score(task="multiclass", num_classes=classes, average="macro"),
+                }
+                self.train_metrics = MetricCollection(metrics, prefix="train_")
+
+            def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+                images, labels = batch
+                inputs, targets = augment(images, labels)
+                logits = self.model(inputs)
+                loss = F.cross_entropy(logits, targets)
+                self.log("train_loss", loss)
+                self.train_metrics(logits, labels)
+                self.log_dict(self.train_metrics, on_step=True, on_epoch=False)
+                return loss
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+        class StepClock(L.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def on_train_batch_start(self, *args: object) -> None:
+                sync(device)
+                self.times.append(time.perf_counter())
+
+        clock = StepClock()
+        lit = L.Trainer(
+            max_steps=args.steps + 3,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+            precision="bf16-mixed" if device.type == "cuda" else "32-true",
+            default_root_dir=tmp,
+        )
+        loader = DataLoader(TensorDataset(*train.tensors), batch_size=args.batch_size, shuffle=True)
+        lit.fit(LitModel(copy.deepcopy(trainer.model)), loader)
+        theirs = (clock.times[-1] - clock.times[2]) / (len(clock.times) - 3)
+        ours = timed_steps(trainer, device)
+    return [
+        (
+            "lightning: same training as a LightningModule",
+            f"{ours * 1e3:.1f} ms/step",
+            f"{theirs * 1e3:.1f} ms/step",
+            f"{theirs / ours:.2f}x faster",
+            ">= 1.05x",
+        )
+    ]
+
+
+def bench_model(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    from torchvision.models import VisionTransformer as TorchvisionViT
+
+    cfg = ViTConfig() if args.model == "vit" else None
+    if cfg is None:
+        return []
+    ours = build_model(cfg, 37, args.img_size).to(device)
+    theirs = TorchvisionViT(
+        args.img_size, cfg.patch_size, cfg.depth, cfg.heads, cfg.dim, int(cfg.dim * cfg.mlp_ratio), num_classes=37
+    ).to(device)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(args.steps):
+                with autocast():
+                    model(images).float().sum().backward()
+
+        return run
+
+    step(ours)(), step(theirs)()
+    t_ours = min(timed(device, step(ours)) for _ in range(3))
+    t_theirs = min(timed(device, step(theirs)) for _ in range(3))
+    n = args.steps * args.batch_size
+    assert count_parameters(ours) == count_parameters(theirs)
+    return [
+        (
+            "model: scratch ViT vs torchvision ViT (fwd+bwd)",
+            f"{n / t_ours:,.0f} img/s",
+            f"{n / t_theirs:,.0f} img/s",
+            f"{t_theirs / t_ours:.2f}x",
+            ">= 1.0x",
+        )
+    ]
+
+
+def vit_train_flops(model: VisionTransformer, img_size: int) -> float:
+    """Training FLOPs per image (forward + backward = 3x forward), matmuls only."""
+    blocks = list(model.blocks)
+    dim = model.pos_embed.shape[-1]
+    tokens = model.pos_embed.shape[1]
+    matmul_params = sum(p.numel() for b in blocks for n, p in b.named_parameters() if p.ndim == 2)
+    attention = len(blocks) * 2 * tokens * tokens * dim  # q @ k and attn @ v
+    patch = model.patch_embed.weight.numel() * (tokens - 1)
+    return 3 * 2 * (matmul_params * tokens + attention + patch + model.head.weight.numel())
+
+
+def bench_gpu(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    if device.type != "cuda":
+        return [("gpu: real vs synthetic data, MFU", "—", "—", "—", "needs CUDA")]
+    compile_flag = ["trainer.compile=true"] if args.compile else []
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic = build_trainer(args, Path(tmp) / "synthetic", compile_flag)
+        synthetic_step = timed_steps(synthetic, device)
+        root = write_pets_like(Path(tmp) / "pets", args.images)
+        real = build_trainer(
+            args,
+            Path(tmp) / "real",
+            [*compile_flag, f"data.root={root}", "data.download=false", "data.val_fraction=0.5"],
+            data="data=pets",
+        )
+        real.order.batches_per_epoch = min(args.steps, len(real.splits.train) // args.batch_size)
+        real_step = timed_steps(real, device)
+        mfu = vit_train_flops(synthetic.model, args.img_size) * args.batch_size / synthetic_step
+        mfu /= args.peak_tflops * 1e12
+    return [
+        (
+            "gpu: real (Pets-like, cached) vs synthetic data",
+            f"{args.batch_size / real_step:,.0f} img/s",
+            f"{args.batch_size / synthetic_step:,.0f} img/s",
+            f"{synthetic_step / real_step:.3f}x",
+            ">= 0.97x",
+        ),
+        (
+            f"gpu: MFU ({args.model}, bf16{', compile' if args.compile else ''})",
+            f"{mfu * 100:.1f}%",
+            f"peak {args.peak_tflops:g} TFLOP/s",
+            "—",
+            ">= 35% (ViT-S/16, compile)",
+        ),
+    ]
+
+
+BENCHMARKS = {
+    "pipeline": bench_pipeline,
+    "overhead": bench_overhead,
+    "lightning": bench_lightning,
+    "model": bench_model,
+    "gpu": bench_gpu,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--what", default="pipeline,overhead,lightning,model,gpu", help="comma-separated benchmarks")
+    parser.add_argument("--model", default="vit", help="a conf/model option")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="training steps timed per repetition")
+    parser.add_argument("--images", type=int, default=512, help="JPEGs in the pipeline benchmark")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the gpu benchmark")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
+    args = parser.parse_args()
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    args.device = device.type
+    header = (
+        f"{platform.node()} · {device_name(device)} · torch {torch.__version__} · model {args.model} · "
+        f"{args.img_size}px · batch {args.batch_size} · {args.steps} steps · {args.workers} workers"
+    )
+    lines = [f"### {header}", "", "| benchmark | vitexp | baseline | ratio | target |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in args.what.split(","):
+        for row in BENCHMARKS[name](args, device):
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], flush=True)
+    if args.out:
+        with args.out.open("a") as file:
+            file.write("\n".join(lines) + "\n\n")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
