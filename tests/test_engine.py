@@ -194,3 +194,10 @@ def test_a_directory_in_use_by_another_run_is_refused(make_cfg, tmp_path: Path) 
     with FileLock(str(run_dir / ".run.lock")), pytest.raises(RunConflictError, match="in use by another running job"):
         fit(make_cfg, run_dir)
     assert not (run_dir / "last.pt").exists()
+
+
+def test_bf16_autocast_path_trains(make_cfg, tmp_path: Path) -> None:
+    results = fit(make_cfg, tmp_path / "run", "trainer.precision=bf16", "trainer.epochs=1")
+    weights = final_weights(tmp_path / "run")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # fp32 master weights
+    assert 0 <= results["test"]["acc"] <= 1 and results["test"]["loss"] > 0
