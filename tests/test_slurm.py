@@ -125,3 +125,39 @@ def test_bad_grid_submits_nothing(tmp_path: Path) -> None:
     assert result.returncode == 2 and "job #1 (smoothing=2): smoothing=2.0 is not allowed" in result.stderr
     assert not (tmp_path / "sweep" / ".submitit").exists()
     assert queue() == before
+
+
+def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *SWEEP,
+        *SLURM,
+        "hydra.launcher.array_parallelism=1",
+        "aug=none,cutmix",
+        "trainer.epochs=150",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = sweep_dir / "1" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    launcher.kill()  # the sweep dies: its launcher, then its jobs
+    launcher.wait(30)
+    for job in queue():
+        subprocess.run(["scancel", "--full", "--signal=KILL", job], check=True)
+    while queue() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (sweep_dir / "0" / "results.json").exists() and not (sweep_dir / "1" / "results.json").exists()
+    finished = (sweep_dir / "0" / "last.pt").stat().st_mtime_ns
+
+    relaunch = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert sorted(job_results(sweep_dir)) == [0, 1]
+    assert (sweep_dir / "0" / "last.pt").stat().st_mtime_ns == finished
+    assert "resumed from" in (sweep_dir / "1" / "train.log").read_text()
+    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, 151))
