@@ -157,7 +157,7 @@ class BatchAugment:
         scale, ratio = self.data.crop_scale, self.data.crop_ratio
         boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
         flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
-        x = crop_flip_resize(self.normalize(images), boxes, flip, self.data.img_size)
+        x = self.normalize(crop_flip_resize(images.float(), boxes, flip, self.data.img_size))  # normalise fewer pixels
         y = F.one_hot(labels, self.num_classes).float()
         aug = self.aug
         if isinstance(aug, CutoutConfig):
