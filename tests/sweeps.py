@@ -6,15 +6,32 @@ import csv
 import json
 import statistics
 import subprocess
+import sys
+import time
 from pathlib import Path
 
-from tests.conftest import TINY, run_train
+from tests.conftest import REPO, TINY, run_train
 
 SWEEP = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "model.depth=1"]
 
 
 def sweep(sweep_dir: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return run_train("-m", *SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}", timeout=timeout)
+
+
+def sweep_command(sweep_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def logged_epochs(metrics: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def wait_for_epochs(metrics: Path, epochs: int, timeout: float = 300) -> None:
+    """Block until a running job has logged `epochs` epochs (it is then mid-training)."""
+    deadline = time.monotonic() + timeout
+    while len(logged_epochs(metrics)) < epochs and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def job_results(sweep_dir: Path) -> dict[int, dict]:

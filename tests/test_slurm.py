@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.sweeps import SWEEP, assert_report_means, job_results
+from tests.sweeps import assert_report_means, job_results, logged_epochs, sweep_command, wait_for_epochs
 from tests.wandb_offline import offline_runs, read_offline_run
 
 SLURM = [
@@ -52,7 +51,7 @@ def queue() -> list[str]:
 
 def slurm_sweep(sweep_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", *SWEEP, *SLURM, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        sweep_command(sweep_dir, *SLURM, *overrides),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -73,11 +72,8 @@ def test_sweep_runs_as_a_slurm_array_and_reports(tmp_path: Path) -> None:
 def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     # two identical jobs (log_every only changes logging): job 0 is preempted, job 1 is the reference
-    args = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "-m",
-        *SWEEP,
+    args = sweep_command(
+        sweep_dir,
         *SLURM,
         "trainer.epochs=25",
         "aug=cutmix",
@@ -85,13 +81,10 @@ def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_pa
         "trainer.log_every=50,51",
         "logger=wandb",
         "logger.mode=offline",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    )
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = sweep_dir / "0" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
+    wait_for_epochs(metrics, 3)
     [job] = [j for j in queue() if j.endswith("_0")]
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends on preemption
     output, _ = launcher.communicate(timeout=600)
@@ -100,8 +93,7 @@ def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_pa
     log = (sweep_dir / "0" / "train.log").read_text()
     assert "received SIGUSR2: checkpointing at the next step" in log
     assert "resumed from" in log and log.count("test (best epoch") == 1
-    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
-    assert epochs == list(range(1, 26))
+    assert logged_epochs(metrics) == list(range(1, 26))
     preempted = torch.load(sweep_dir / "0" / "last.pt", weights_only=False)
     reference = torch.load(sweep_dir / "1" / "last.pt", weights_only=False)
     assert preempted["progress"]["step"] == reference["progress"]["step"]
@@ -129,26 +121,17 @@ def test_bad_grid_submits_nothing(tmp_path: Path) -> None:
 
 def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "-m",
-        *SWEEP,
-        *SLURM,
-        "hydra.launcher.array_parallelism=1",
-        "aug=none,cutmix",
-        "trainer.epochs=150",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    args = sweep_command(
+        sweep_dir, *SLURM, "hydra.launcher.array_parallelism=1", "aug=none,cutmix", "trainer.epochs=150"
+    )
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = sweep_dir / "1" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.1)
+    wait_for_epochs(metrics, 2)
     launcher.kill()  # the sweep dies: its launcher, then its jobs
     launcher.wait(30)
     for job in queue():
         subprocess.run(["scancel", "--full", "--signal=KILL", job], check=True)
+    deadline = time.monotonic() + 60
     while queue() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert (sweep_dir / "0" / "results.json").exists() and not (sweep_dir / "1" / "results.json").exists()
@@ -159,5 +142,4 @@ def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_re
     assert sorted(job_results(sweep_dir)) == [0, 1]
     assert (sweep_dir / "0" / "last.pt").stat().st_mtime_ns == finished
     assert "resumed from" in (sweep_dir / "1" / "train.log").read_text()
-    epochs = [int(line.split('"epoch": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
-    assert epochs == list(range(1, 151))
+    assert logged_epochs(metrics) == list(range(1, 151))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.sweeps import SWEEP, assert_report_means, job_results, report_rows, sweep
+from tests.sweeps import assert_report_means, job_results, logged_epochs, report_rows, sweep, sweep_command
 from tests.wandb_offline import offline_runs, read_offline_run
 
 GRID = ["aug=none,cutmix", "seed=0,1"]
@@ -74,15 +72,7 @@ def test_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
 
 def test_relaunch_skips_finished_jobs_and_resumes_the_killed_one(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "-m",
-        *SWEEP,
-        "aug=none,cutout,cutmix",
-        "trainer.epochs=4",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    args = sweep_command(sweep_dir, "aug=none,cutout,cutmix", "trainer.epochs=4")
     launcher = subprocess.Popen(
         args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -102,8 +92,7 @@ def test_relaunch_skips_finished_jobs_and_resumes_the_killed_one(tmp_path: Path)
     assert (sweep_dir / "0" / "last.pt").stat().st_mtime_ns == first_mtime
     log = (sweep_dir / "1" / "train.log").read_text()
     assert "resumed from" in log
-    epochs = [json.loads(line)["epoch"] for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]
+    assert logged_epochs(sweep_dir / "1" / "metrics.jsonl") == [1, 2, 3, 4]
 
 
 def test_relaunch_with_a_changed_config_is_refused(tmp_path: Path) -> None:
