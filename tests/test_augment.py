@@ -6,12 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from vitexp.augment import (
     BatchAugment,
     box_masks,
     center_crop,
     crop_flip_resize,
+    crop_flip_resize_batched,
+    crop_flip_resize_per_image,
     cutmix,
     cutout,
     mixup,
@@ -153,6 +156,29 @@ def test_crop_flip_resize_matches_slicing_for_whole_pixel_boxes() -> None:
     out = crop_flip_resize(images, boxes, torch.tensor([False, True]), out_size=6)
     assert torch.allclose(out[0], images[0, :, 3:9, 2:8], atol=1e-5)
     assert torch.allclose(out[1], F.interpolate(images[1:2].flip(-1), size=6, mode="bilinear")[0], atol=1e-5)
+
+
+def test_cpu_per_image_resize_matches_the_batched_grid_sample() -> None:
+    """The CPU path (uint8, image by image) and the GPU path (one grid_sample) draw the same pictures."""
+    size, out_size, n = 64, 48, 64
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    phase = torch.rand(n, 3, 1, 1) * 6
+    smooth_images = 127.5 + 120 * torch.sin(xx / 20 + phase) * torch.cos(yy / 24 + phase)  # no detail to alias
+    images = smooth_images.round().to(torch.uint8)
+    boxes = sample_crop_boxes(n, size, (0.08, 1.0), (3 / 4, 4 / 3), gen(1))
+    flip = torch.rand(n, generator=gen(2)) < 0.5
+    per_image = crop_flip_resize(images, boxes, flip, out_size)
+    batched = crop_flip_resize_batched(images.float(), boxes, flip, out_size)
+    assert per_image.dtype == torch.uint8 and per_image.shape == batched.shape == (n, 3, out_size, out_size)
+    difference = (per_image.float() - batched).abs()
+    # rounding to uint8, antialiasing when shrinking, and grid_sample reading past the crop's edge
+    assert difference.mean() < 0.5 and difference.max() < 4
+    mirrored = crop_flip_resize_per_image(images, boxes, ~flip, out_size)
+    assert torch.equal(mirrored, per_image.flip(-1))
+    for i in range(n):  # and it is exactly torchvision's resized crop + flip on a uint8 tensor
+        x0, y0, w, h = boxes[i].int().tolist()
+        reference = TF.resized_crop(images[i], y0, x0, h, w, [out_size, out_size], antialias=True)
+        assert torch.equal(per_image[i], TF.horizontal_flip(reference) if flip[i] else reference)
 
 
 def test_center_crop_takes_the_middle() -> None:

@@ -1,7 +1,8 @@
 """Batched augmentation on the training device: crop/flip, normalise, Cutout/Mixup/CutMix, label smoothing.
 
-Everything takes a whole batch and uses tensor ops only (no Python loop over samples), drawing from
-generators the trainer owns and checkpoints, so a resumed run draws the same numbers.
+Everything takes a whole batch and uses tensor ops only (no Python loop over samples on a GPU; on the
+CPU the resize goes image by image, where that is faster), drawing from generators the trainer owns and
+checkpoints, so a resumed run draws the same numbers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,20 @@ def sample_crop_boxes(
 
 
 def crop_flip_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Crop each image to its box, mirror where `flip`, and resize to `out_size` (bilinear) in one grid_sample."""
+    """Crop each image to its box (x0, y0, w, h), mirror where `flip`, and resize to `out_size` (bilinear).
+
+    On a GPU (or for float images) the whole batch is one `grid_sample`. A uint8 batch on the CPU takes the
+    per-image path instead: PyTorch's vectorised uint8 resize is 3x faster there than a float `grid_sample`.
+    """
+    if images.device.type == "cpu" and images.dtype == torch.uint8:
+        return crop_flip_resize_per_image(images, boxes, flip, out_size)
+    return crop_flip_resize_batched(images.float(), boxes, flip, out_size)
+
+
+def crop_flip_resize_batched(
+    images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int
+) -> torch.Tensor:
+    """The whole batch in one `grid_sample` (float in, float 0-255 out): one kernel on a GPU."""
     n, _, height, width = images.shape
     x0, y0, w, h = boxes.unbind(1)
     scale_x, scale_y = w / width, h / height
@@ -52,6 +66,24 @@ def crop_flip_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
     theta = torch.stack([torch.stack([scale_x, zeros, shift_x], 1), torch.stack([zeros, scale_y, shift_y], 1)], 1)
     grid = F.affine_grid(theta, [n, images.shape[1], out_size, out_size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def crop_flip_resize_per_image(
+    images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int
+) -> torch.Tensor:
+    """Image by image with the antialiased uint8 resize torchvision's v2 `Resize` runs (uint8 in and out).
+
+    Input and output are channels_last, the layout that kernel reads and writes, so no crop is copied twice.
+    """
+    images = images.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(
+        (images.shape[0], images.shape[1], out_size, out_size), dtype=torch.uint8, memory_format=torch.channels_last
+    )
+    for i, ((x0, y0, w, h), mirror) in enumerate(zip(boxes.int().tolist(), flip.tolist(), strict=True)):
+        crop = images[i : i + 1, :, y0 : y0 + h, x0 : x0 + w]
+        resized = F.interpolate(crop, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + 1] = resized.flip(-1) if mirror else resized
+    return out
 
 
 def center_crop(images: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -143,11 +175,14 @@ class BatchAugment:
         self.data, self.aug, self.num_classes, self.smoothing = data, aug, num_classes, smoothing
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.np_rng = np.random.default_rng(seed)
-        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
+        self.scale = 1 / std  # (x - mean) / std as x * scale + shift: two in-place passes over a fresh copy
+        self.shift = -torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255 / std
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
+        """0-255 images (uint8 or float, any layout) to a new normalised contiguous float32 batch."""
+        x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return x.mul_(self.scale).add_(self.shift)
 
     def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
         return self.normalize(center_crop(images, self.data.img_size))
@@ -157,7 +192,7 @@ class BatchAugment:
         scale, ratio = self.data.crop_scale, self.data.crop_ratio
         boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
         flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
-        x = self.normalize(crop_flip_resize(images.float(), boxes, flip, self.data.img_size))  # normalise fewer pixels
+        x = self.normalize(crop_flip_resize(images, boxes, flip, self.data.img_size))  # normalise fewer pixels
         y = F.one_hot(labels, self.num_classes).float()
         aug = self.aug
         if isinstance(aug, CutoutConfig):

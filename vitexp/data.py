@@ -379,7 +379,7 @@ class DeviceData:
         indices = indices.to(self.images.device)
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
-            yield self.images[batch], self.labels[batch]
+            yield self.images.index_select(0, batch), self.labels.index_select(0, batch)  # faster than [] on CPU
 
 
 POLICIES = {
