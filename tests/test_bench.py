@@ -28,7 +28,7 @@ def test_bench_prints_and_records_the_pipeline_comparison(tmp_path: Path) -> Non
             "-m",
             "vitexp.bench",
             "--what",
-            "pipeline,overhead,gpu",
+            "pipeline,overhead,wait,gpu",
             "--img-size",
             "32",
             "--batch-size",
@@ -54,4 +54,6 @@ def test_bench_prints_and_records_the_pipeline_comparison(tmp_path: Path) -> Non
     assert speedup and float(speedup.group(1)) > 0  # speed targets live in docs/benchmarks.md, not in tests
     overhead = re.search(r"\| overhead: .* \| ([\d.]+)x the bare loop \|", table)
     assert overhead and float(overhead.group(1)) > 0
+    wait = re.search(r"\| wait: .* \| ([\d.]+)% of \d+ ms \| ([\d.]+)% of \d+ ms \(JPEGs", table)
+    assert wait and all(0 <= float(share) <= 100 for share in wait.groups())
     assert "needs CUDA" in table

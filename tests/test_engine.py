@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from tests.conftest import TINY, run_train
 from vitexp import checkpoint, engine
-from vitexp.engine import NonFiniteLossError, RunConflictError, RunIdentity, Trainer
+from vitexp.data import DeviceData
+from vitexp.engine import DATA_WAIT_WARNING, NonFiniteLossError, RunConflictError, RunIdentity, Trainer
 from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
 
@@ -22,7 +24,7 @@ RANDOM = ["aug=cutmix", "aug.p=1.0", "smoothing=0.1", "model.dropout=0.1"]
 
 
 def without_times(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "data_wait")} for row in rows]
 
 
 def test_digits_reaches_90_percent_from_the_command_line(tmp_path: Path) -> None:
@@ -201,3 +203,27 @@ def test_bf16_autocast_path_trains(make_cfg, tmp_path: Path) -> None:
     weights = final_weights(tmp_path / "run")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # fp32 master weights
     assert 0 <= results["test"]["acc"] <= 1 and results["test"]["loss"] > 0
+
+
+def test_data_wait_is_the_share_of_each_epoch_spent_waiting_for_batches(
+    make_cfg, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    quick = fit(make_cfg, tmp_path / "quick", "aug=none")
+    rows = read_jsonl(tmp_path / "quick" / "metrics.jsonl")
+    assert all(0 <= row["data_wait"] < DATA_WAIT_WARNING for row in rows)  # indexing on-device data is no wait
+    assert quick["data_wait"] == pytest.approx(sum(row["data_wait"] for row in rows) / len(rows))
+
+    batches, delay = DeviceData.batches, 0.05
+
+    def slow_batches(self: DeviceData, *args, **kwargs):
+        for batch in batches(self, *args, **kwargs):
+            time.sleep(delay)  # a data path that cannot keep up
+            yield batch
+
+    monkeypatch.setattr(DeviceData, "batches", slow_batches)
+    fit(make_cfg, tmp_path / "slow", "aug=none")
+    steps = checkpoint.load(tmp_path / "slow" / "last.pt")["progress"]["step"] // 2  # per epoch
+    for row in read_jsonl(tmp_path / "slow" / "metrics.jsonl"):
+        waited = row["data_wait"] * row["epoch_time_s"]
+        assert steps * delay <= waited < row["epoch_time_s"]
+    assert "waited for data" in caplog.text and "batch augmentation" in caplog.text

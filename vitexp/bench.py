@@ -7,7 +7,8 @@ row (and appends the table to `--out`):
   overhead  vitexp's training step (metrics, non-finite checks, scheduler) vs a bare PyTorch loop
   lightning the same training written as a LightningModule + Trainer, as the seed lab does
   model     the scratch ViT vs torchvision's VisionTransformer of identical shape, forward + backward
-  gpu       (CUDA only) data-wait share of the step, real vs synthetic data, and MFU against bf16 peak
+  wait      the share of the training step spent waiting for data, vitexp's path vs workers decoding JPEGs
+  gpu       (CUDA only) real vs synthetic data throughput, and MFU against the GPU's bf16 peak
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from PIL import Image
 from vitexp.augment import BatchAugment
 from vitexp.config import AugConfig, DataConfig, ViTConfig, register_schemas
 from vitexp.data import DeviceData, EpochOrder, PetsImages, cached
+from vitexp.metrics import DataWait
 from vitexp.models import VisionTransformer, build_model, count_parameters
 
 Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
@@ -169,15 +171,19 @@ def build_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str],
     return trainer
 
 
-def timed_steps(trainer, device: torch.device, repeats: int = 3) -> float:
-    """Seconds per training step of `trainer`, best of `repeats` runs of `--steps` steps after a warm-up."""
+def timed_steps(trainer, device: torch.device, repeats: int = 3) -> tuple[float, float]:
+    """Seconds per training step of `trainer` and the share of it spent waiting for data, for the fastest
+    of `repeats` runs of `--steps` steps after a warm-up."""
 
-    def steps() -> None:
+    def steps() -> tuple[float, float]:
         trainer.progress.batch = 0
-        trainer.train_epoch(0)
+        trainer.data_wait = DataWait()
+        seconds = timed(device, lambda: trainer.train_epoch(0))
+        return seconds, trainer.data_wait.seconds / seconds
 
     steps()
-    return min(timed(device, steps) for _ in range(repeats)) / trainer.order.batches_per_epoch
+    seconds, wait = min(steps() for _ in range(repeats))
+    return seconds / trainer.order.batches_per_epoch, wait
 
 
 def bare_loop(
@@ -209,7 +215,7 @@ def bench_overhead(args: argparse.Namespace, device: torch.device) -> list[Row]:
         def batches() -> Iterator:
             return data.batches(args.batch_size, torch.arange(args.steps * args.batch_size) % len(data))
 
-        ours = timed_steps(trainer, device)
+        ours, _ = timed_steps(trainer, device)
         bare_loop(reference, batches, trainer.augment, trainer.autocast, 1e-3)  # warm-up
         bare = (
             min(
@@ -291,7 +297,7 @@ def bench_lightning(args: argparse.Namespace, device: torch.device) -> list[Row]
         loader = DataLoader(TensorDataset(*train.tensors), batch_size=args.batch_size, shuffle=True)
         lit.fit(LitModel(copy.deepcopy(trainer.model)), loader)
         theirs = (clock.times[-1] - clock.times[2]) / (len(clock.times) - 3)
-        ours = timed_steps(trainer, device)
+        ours, _ = timed_steps(trainer, device)
     return [
         (
             "lightning: same training as a LightningModule",
@@ -351,28 +357,52 @@ def vit_train_flops(model: VisionTransformer, img_size: int) -> float:
     return 3 * 2 * (matmul_params * tokens + attention + patch + model.head.weight.numel())
 
 
+def pets_trainer(args: argparse.Namespace, run_dir: Path, root: Path, overrides: list[str]):
+    """A vitexp Trainer on the Pets-like JPEGs under `root`, half of them for training."""
+    trainer = build_trainer(
+        args,
+        run_dir,
+        [f"data.root={root}", "data.download=false", "data.val_fraction=0.5", *overrides],
+        data="data=pets",
+    )
+    trainer.order.batches_per_epoch = min(args.steps, len(trainer.splits.train) // args.batch_size)
+    return trainer
+
+
+def bench_wait(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Share of the training step spent waiting for data: vitexp's cached, device-resident path vs
+    DataLoader workers decoding the JPEGs every epoch (data.cache=false), same model and workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_pets_like(Path(tmp) / "pets", args.images)
+        workers = f"data.num_workers={args.workers}"
+        ours = timed_steps(pets_trainer(args, Path(tmp) / "ours", root, [workers]), device)
+        decoding = timed_steps(pets_trainer(args, Path(tmp) / "decode", root, [workers, "data.cache=false"]), device)
+    return [
+        (
+            "wait: data-wait share of the training step",
+            f"{ours[1]:.1%} of {ours[0] * 1e3:.0f} ms",
+            f"{decoding[1]:.1%} of {decoding[0] * 1e3:.0f} ms (JPEGs decoded by workers)",
+            f"{decoding[0] / ours[0]:.2f}x faster step",
+            "~0% (compute-bound)",
+        )
+    ]
+
+
 def bench_gpu(args: argparse.Namespace, device: torch.device) -> list[Row]:
     if device.type != "cuda":
         return [("gpu: real vs synthetic data, MFU", "—", "—", "—", "needs CUDA")]
     compile_flag = ["trainer.compile=true"] if args.compile else []
     with tempfile.TemporaryDirectory() as tmp:
         synthetic = build_trainer(args, Path(tmp) / "synthetic", compile_flag)
-        synthetic_step = timed_steps(synthetic, device)
+        synthetic_step, _ = timed_steps(synthetic, device)
         root = write_pets_like(Path(tmp) / "pets", args.images)
-        real = build_trainer(
-            args,
-            Path(tmp) / "real",
-            [*compile_flag, f"data.root={root}", "data.download=false", "data.val_fraction=0.5"],
-            data="data=pets",
-        )
-        real.order.batches_per_epoch = min(args.steps, len(real.splits.train) // args.batch_size)
-        real_step = timed_steps(real, device)
+        real_step, real_wait = timed_steps(pets_trainer(args, Path(tmp) / "real", root, compile_flag), device)
         mfu = vit_train_flops(synthetic.model, args.img_size) * args.batch_size / synthetic_step
         mfu /= args.peak_tflops * 1e12
     return [
         (
             "gpu: real (Pets-like, cached) vs synthetic data",
-            f"{args.batch_size / real_step:,.0f} img/s",
+            f"{args.batch_size / real_step:,.0f} img/s ({real_wait:.1%} data wait)",
             f"{args.batch_size / synthetic_step:,.0f} img/s",
             f"{synthetic_step / real_step:.3f}x",
             ">= 0.97x",
@@ -392,13 +422,14 @@ BENCHMARKS = {
     "overhead": bench_overhead,
     "lightning": bench_lightning,
     "model": bench_model,
+    "wait": bench_wait,
     "gpu": bench_gpu,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", default="pipeline,overhead,lightning,model,gpu", help="comma-separated benchmarks")
+    parser.add_argument("--what", default=",".join(BENCHMARKS), help="comma-separated benchmarks")
     parser.add_argument("--model", default="vit", help="a conf/model option")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -30,7 +30,7 @@ from vitexp.cluster import PreemptionHandler
 from vitexp.config import Config, ConfigError, DataConfig, config_diff, config_hash, semantic_config, validate
 from vitexp.data import DeviceData, EpochOrder, PolicyImages, Splits, build_splits, make_loader
 from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
-from vitexp.metrics import EvalMeter, RunningMeans
+from vitexp.metrics import DataWait, EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters, param_groups
 from vitexp.sweep import FAILED_FILE, LOCK_FILE, sweep_group
 
@@ -62,6 +62,7 @@ class Progress:
 
 SPLITS = ("train", "val", "test")
 DEVICE_MEMORY_SHARE = 0.3  # auto keeps data on the GPU only while it takes at most this share of free memory
+DATA_WAIT_WARNING = 0.2  # an epoch that waited for data longer than this share of its time gets a hint
 
 
 def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bool:
@@ -179,6 +180,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
+        self.data_wait = DataWait()
         self.progress = Progress()
         self.stop_requested = False  # honoured at the next step boundary
 
@@ -254,7 +256,7 @@ class Trainer:
         self.model.train()
         window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(
-            self.batches("train", epoch),
+            self.data_wait.timed(self.batches("train", epoch)),
             desc=f"epoch {epoch + 1}/{trainer.epochs}",
             leave=False,
             disable=not sys.stderr.isatty(),
@@ -370,6 +372,7 @@ class Trainer:
         epoch_times = []
         for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
             epoch_start, start_batch = time.perf_counter(), self.progress.batch
+            self.data_wait = DataWait()
             if not self.train_epoch(epoch):
                 self.save_last()
                 log.info("stopped at epoch %d batch %d; checkpoint saved", epoch + 1, self.progress.batch)
@@ -406,7 +409,17 @@ class Trainer:
             )
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress.step, "lr": self.scheduler.get_last_lr()[0]}
         row |= {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
-        row |= {"epoch_time_s": seconds, "nonfinite_steps": self.progress.nonfinite_total}
+        data_wait = self.data_wait.seconds / max(seconds, 1e-9)
+        row |= {"epoch_time_s": seconds, "data_wait": data_wait, "nonfinite_steps": self.progress.nonfinite_total}
+        if data_wait > DATA_WAIT_WARNING:
+            log.warning(
+                "epoch %d waited for data %.0f%% of its time: %s",
+                epoch + 1,
+                data_wait * 100,
+                "raise data.num_workers, or keep the data on the device (data.cache=true, data.policy=none)"
+                if not self.resident
+                else "the batch augmentation, not the model, is the limit on this device",
+            )
         return row
 
     def finish(self, logger: RunLogger, wall: float, img_per_s: float, epoch_times: list[float]) -> dict[str, Any]:
@@ -422,6 +435,7 @@ class Trainer:
             "epochs": self.cfg.trainer.epochs,
             "wall_time_s": wall,
             "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / max(len(rows), 1),
+            "data_wait": sum(r["data_wait"] for r in rows) / max(len(rows), 1),
             "train_img_per_s": img_per_s if epoch_times else None,
             "nonfinite_steps": self.progress.nonfinite_total,
             "choices": self.choices,

@@ -1,6 +1,10 @@
-"""Evaluation metrics (torchmetrics) and the on-device running means of the training loop."""
+"""Evaluation metrics (torchmetrics), the on-device running means of the training loop, and its data wait."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +86,27 @@ class RunningMeans:
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["sums"].to(self.device)
+
+
+Batch = TypeVar("Batch")
+
+
+class DataWait:
+    """Host seconds the training loop spent blocked on its next batch (DataLoader workers, or indexing).
+
+    Wall-clock only, no device sync, so it costs nothing per step. Divided by the epoch's wall time it is
+    the share of the epoch the loop starved for data: near 0 when compute is the limit, as it should be.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
