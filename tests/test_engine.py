@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -161,11 +162,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(make_cfg, tmp_path: Path
     monkeypatch.setattr(VisionTransformer, "forward", sometimes_nan)
     results = fit(make_cfg, tmp_path / "some", *RANDOM, "trainer.max_nonfinite=2")
     assert results["nonfinite_steps"] == 5  # every 4th of 2 x 10 steps was skipped
-    assert checkpoint.load(tmp_path / "some" / "last.pt")["progress"]["step"] == 15
+    assert checkpoint.load(tmp_path / "some" / "last.pt")["progress"]["step"] == 20  # steps taken or skipped
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "some").values())
 
     monkeypatch.setattr(VisionTransformer, "forward", lambda self, images: forward(self, images) * float("nan"))
-    with pytest.raises(NonFiniteLossError, match="non-finite for 3 consecutive steps"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for \d+ consecutive steps \(trainer.max_nonfinite=3\)"):
         fit(make_cfg, tmp_path / "all", *RANDOM, "trainer.max_nonfinite=3")
     assert not (tmp_path / "all" / "last.pt").exists() and not (tmp_path / "all" / "best.pt").exists()
 
@@ -227,3 +228,40 @@ def test_data_wait_is_the_share_of_each_epoch_spent_waiting_for_batches(
         waited = row["data_wait"] * row["epoch_time_s"]
         assert steps * delay <= waited < row["epoch_time_s"]
     assert "waited for data" in caplog.text and "batch augmentation" in caplog.text
+
+
+def test_training_steps_read_nothing_from_the_device_between_log_intervals(
+    make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    """Every read of a tensor's value (.item(), bool(), .tolist() ...) is a GPU sync; the loop makes none."""
+    reads: list[str] = []
+    inside = {"train_epoch": False}
+    watched = ("vitexp/engine.py", "vitexp/metrics.py")
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if inside["train_epoch"] and caller.co_filename.endswith(watched):
+                reads.append(f"{name} in {caller.co_name}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    train_epoch = Trainer.train_epoch
+
+    def watched_epoch(self: Trainer, epoch: int) -> bool:
+        inside["train_epoch"] = True
+        try:
+            return train_epoch(self, epoch)
+        finally:
+            inside["train_epoch"] = False
+
+    monkeypatch.setattr(Trainer, "train_epoch", watched_epoch)
+    fit(make_cfg, tmp_path / "quiet", *RANDOM, "trainer.log_every=1000", "trainer.clip_grad_norm=1")
+    assert reads == []
+    fit(make_cfg, tmp_path / "logged", *RANDOM, "trainer.log_every=5")
+    assert reads and all(read.endswith(("read_nonfinite", "compute")) for read in reads)  # once per 5 steps

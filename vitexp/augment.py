@@ -203,7 +203,9 @@ class BatchAugment:
             x, y = mixup(x, y, lam, perm)
         elif isinstance(aug, CutMixConfig):
             perm = torch.randperm(n, device=images.device, generator=self.gen)
-            lam = torch.from_numpy(self.np_rng.beta(aug.alpha, aug.alpha, size=n)).float().to(images.device)
+            lam = torch.from_numpy(self.np_rng.beta(aug.alpha, aug.alpha, size=n)).float()
+            if images.is_cuda:  # from pinned memory the copy does not wait for the GPU
+                lam = lam.pin_memory().to(images.device, non_blocking=True)
             applied = torch.rand(n, device=images.device, generator=self.gen) < aug.p
             x, y, _ = cutmix(x, y, lam, applied, perm, self.gen)
         return x, smooth(y, self.smoothing)

@@ -180,17 +180,22 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
+        self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)  # total, streak, longest streak
         self.data_wait = DataWait()
         self.progress = Progress()
         self.stop_requested = False  # honoured at the next step boundary
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Fused AdamW/SGD (CPU and CUDA): one kernel per step that can also skip a non-finite step on the device."""
         optim = self.cfg.optim
         groups = param_groups(self.model, optim.weight_decay)
-        fused = self.device.type == "cuda"
         if optim.name == "adamw":
-            return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=fused)
+            return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
+        sgd = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
+        if optim.momentum:  # fused SGD leaves a buffer it creates on a skipped first step uninitialised
+            for param in self.model.parameters():
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return sgd
 
     # --- checkpoints -------------------------------------------------------------------------------
     @property
@@ -221,6 +226,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        streak = self.progress.nonfinite_streak
+        self.nonfinite = torch.tensor([self.progress.nonfinite_total, streak, streak], device=self.device)
         self.train_means.load_state_dict(state["train_means"])
         self.augment.load_state_dict(state["augment"])
         checkpoint.set_rng_state(state["rng"])
@@ -273,12 +280,14 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), targets)
             finite = torch.isfinite(loss)
             window_finite &= finite
-            self.scaler.scale(torch.where(finite, loss, 0.0) / trainer.accumulate).backward()
+            self.scaler.scale(loss / trainer.accumulate).backward()
             self.train_means.update(loss, logits, targets, finite)
             self.progress.batch += 1
             if self.progress.batch % trainer.accumulate == 0:
-                self.optimizer_step(bool(window_finite))
+                self.optimizer_step(window_finite)
                 window_finite.fill_(True)
+                if self.progress.step % trainer.log_every == 0:  # the only place a step reads the device
+                    self.read_nonfinite()
                 if self.progress.step % trainer.log_every == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{self.train_means.compute()['loss']:.3f}")
                 elif self.progress.step % trainer.log_every == 0:
@@ -295,35 +304,47 @@ class Trainer:
                     return False
         return True
 
-    def optimizer_step(self, finite: bool) -> None:
-        """Apply the accumulated gradients, or skip them when any loss in the window was non-finite."""
+    def optimizer_step(self, finite: torch.Tensor) -> None:
+        """Apply the accumulated gradients, or skip them if a loss in the window was non-finite.
+
+        The skip happens on the device (the fused optimizer's `found_inf`, or the GradScaler's own check in
+        fp16), so no step waits for the GPU; the counters are read every `log_every` steps by `read_nonfinite`.
+        """
         trainer = self.cfg.trainer
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.progress.nonfinite_streak += 1
-            self.progress.nonfinite_total += 1
-            log.warning(
-                "non-finite loss at epoch %d step %d: step skipped (%d in a row)",
-                self.progress.epoch + 1,
-                self.progress.step,
-                self.progress.nonfinite_streak,
-            )
-            if self.progress.nonfinite_streak >= trainer.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"loss was non-finite for {self.progress.nonfinite_streak} consecutive steps "
-                    f"(trainer.max_nonfinite={trainer.max_nonfinite}); stopping without saving NaN weights. "
-                    "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
-                )
-            return
-        self.progress.nonfinite_streak = 0
+        total, streak, longest = self.nonfinite.unbind()
+        total.add_(~finite)
+        streak.copy_(torch.where(finite, 0, streak + 1))
+        longest.copy_(torch.maximum(longest, streak))
         if trainer.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # non-finite gradients: skipped, and the loss scale backs off
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.progress.step += 1
+
+    def read_nonfinite(self) -> None:
+        """Copy the device's non-finite counters into `progress` (one sync); stop if a streak got too long."""
+        total, streak, longest = self.nonfinite.tolist()
+        if total > self.progress.nonfinite_total:
+            log.warning(
+                "non-finite loss in %d steps by step %d: those steps were skipped (%d in a row now)",
+                total - self.progress.nonfinite_total,
+                self.progress.step,
+                streak,
+            )
+        self.progress.nonfinite_total, self.progress.nonfinite_streak = total, streak
+        if longest >= self.cfg.trainer.max_nonfinite:
+            raise NonFiniteLossError(
+                f"loss was non-finite for {longest} consecutive steps "
+                f"(trainer.max_nonfinite={self.cfg.trainer.max_nonfinite}); stopping without saving NaN weights. "
+                "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
+            )
 
     @torch.inference_mode()
     def batches(self, split: str, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -352,6 +373,7 @@ class Trainer:
         return meter.compute()
 
     def save_last(self) -> None:
+        self.read_nonfinite()
         checkpoint.save(self.last_path, self.state_dict())
 
     def fit(self, logger: RunLogger) -> dict[str, Any]:
@@ -397,6 +419,7 @@ class Trainer:
         return self.finish(logger, time.perf_counter() - started, train_images / max(train_time, 1e-9), epoch_times)
 
     def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+        self.read_nonfinite()  # before best.pt can be written
         train = self.train_means.compute()
         val = self.evaluate("val")
         self.train_means.reset()
