@@ -53,7 +53,7 @@ class Progress:
 
     epoch: int = 0  # the epoch being trained (0-based)
     batch: int = 0  # micro-batches of that epoch already trained
-    step: int = 0  # optimizer steps applied
+    step: int = 0  # optimizer steps, applied or skipped as non-finite (the LR schedule counts both)
     best_acc: float = -1.0
     best_epoch: int = -1
     nonfinite_streak: int = 0
