@@ -180,3 +180,15 @@ def test_device_batches_and_dataloader_batches_train_identically(make_cfg, tmp_p
     resident, loader = (checkpoint.load(tmp_path / m / "last.pt")["model"] for m in ("true", "false"))
     for key, value in resident.items():
         assert torch.equal(value, loader[key]), key
+
+
+def test_device_data_serves_the_permutation_in_order() -> None:
+    images = torch.randint(0, 256, (10, 3, 6, 5), dtype=torch.uint8)
+    labels = torch.arange(10)
+    resident = data.DeviceData(torch.utils.data.TensorDataset(images, labels), torch.device("cpu"))
+    order = torch.randperm(10)
+    served = list(resident.batches(4, order))
+    assert [len(y) for _, y in served] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in served]), images[order])
+    assert torch.equal(torch.cat([y for _, y in served]), order)
+    assert torch.equal(torch.cat([x for x, _ in resident.batches(4)]), images)  # evaluation: storage order
