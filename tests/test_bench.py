@@ -57,3 +57,13 @@ def test_bench_prints_and_records_the_pipeline_comparison(tmp_path: Path) -> Non
     wait = re.search(r"\| wait: .* \| ([\d.]+)% of \d+ ms \| ([\d.]+)% of \d+ ms \(JPEGs", table)
     assert wait and all(0 <= float(share) <= 100 for share in wait.groups())
     assert "needs CUDA" in table
+
+
+def test_bench_measures_the_cifar10_recipe_as_shipped(tmp_path: Path) -> None:
+    out = tmp_path / "bench.md"
+    command = [sys.executable, "-m", "vitexp.bench", "--what", "recipe", "--steps", "1", "--workers", "1"]
+    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pattern = r"\| recipe: .* \| ([\d,]+) img/s \(AutoAugment.* \| ([\d,]+) img/s .* in ([\d.]+) h \|"
+    row = re.search(pattern, out.read_text())
+    assert row and all(float(value.replace(",", "")) > 0 for value in row.groups())

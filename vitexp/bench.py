@@ -8,6 +8,7 @@ row (and appends the table to `--out`):
   lightning the same training written as a LightningModule + Trainer, as the seed lab does
   model     the scratch ViT vs torchvision's VisionTransformer of identical shape, forward + backward
   wait      the share of the training step spent waiting for data, vitexp's path vs workers decoding JPEGs
+  recipe    the +experiment=vit_cifar10 recipe's images/s as shipped (AutoAugment workers) vs data on device
   gpu       (CUDA only) real vs synthetic data throughput, and MFU against the GPU's bf16 peak
 """
 
@@ -144,7 +145,14 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 def build_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str], data: str = "data=synthetic"):
     """A real vitexp Trainer (composed from conf/), by default on synthetic data, sized by the benchmark options."""
+    shape = [f"model={args.model}", f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}", "aug=none"]
+    return compose_trainer(args, run_dir, [*shape, data, "trainer.clip_grad_norm=0", *overrides])
+
+
+def compose_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str]):
+    """A Trainer composed from conf/ with these overrides, on the benchmark's device, timing `--steps` steps."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from vitexp.config import validate
     from vitexp.engine import Trainer
@@ -152,24 +160,9 @@ def build_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str],
     register_schemas()
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"model={args.model}",
-                data,
-                f"data.img_size={args.img_size}",
-                f"data.batch_size={args.batch_size}",
-                "logger=none",
-                f"trainer.device={args.device}",
-                "trainer.clip_grad_norm=0",
-                "aug=none",
-                *overrides,
-            ],
-        )
-    from omegaconf import OmegaConf
-
+        cfg = compose("config", overrides=["logger=none", f"trainer.device={args.device}", *overrides])
     trainer = Trainer(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), {})
-    trainer.order.batches_per_epoch = args.steps
+    trainer.order.batches_per_epoch = min(args.steps, trainer.order.batches_per_epoch)
     return trainer
 
 
@@ -360,14 +353,8 @@ def vit_train_flops(model: VisionTransformer, img_size: int) -> float:
 
 def pets_trainer(args: argparse.Namespace, run_dir: Path, root: Path, overrides: list[str]):
     """A vitexp Trainer on the Pets-like JPEGs under `root`, half of them for training."""
-    trainer = build_trainer(
-        args,
-        run_dir,
-        [f"data.root={root}", "data.download=false", "data.val_fraction=0.5", *overrides],
-        data="data=pets",
-    )
-    trainer.order.batches_per_epoch = min(args.steps, len(trainer.splits.train) // args.batch_size)
-    return trainer
+    pets = [f"data.root={root}", "data.download=false", "data.val_fraction=0.5", *overrides]
+    return build_trainer(args, run_dir, pets, data="data=pets")
 
 
 def bench_wait(args: argparse.Namespace, device: torch.device) -> list[Row]:
@@ -385,6 +372,31 @@ def bench_wait(args: argparse.Namespace, device: torch.device) -> list[Row]:
             f"{decoding[1]:.1%} of {decoding[0] * 1e3:.0f} ms (JPEGs decoded by workers)",
             f"{decoding[0] / ours[0]:.2f}x faster step",
             "~0% (compute-bound)",
+        )
+    ]
+
+
+CIFAR10_TRAIN_IMAGES, RECIPE_EPOCHS, RECIPE_GOAL_S = 50_000, 200, 600
+
+
+def bench_recipe(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Training throughput of the `+experiment=vit_cifar10` recipe as shipped (AutoAugment in DataLoader
+    workers), against the same model fed from the device, on CIFAR-shaped synthetic images."""
+    recipe = ["+experiment=vit_cifar10", "data=synthetic", "data.img_size=32", "data.crop_pct=1.0"]
+    recipe += [f"data.num_workers={args.workers}", f"trainer.compile={str(args.compile).lower()}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = compose_trainer(args, Path(tmp) / "shipped", recipe)
+        shipped, shipped_wait = timed_steps(trainer, device)
+        resident, _ = timed_steps(compose_trainer(args, Path(tmp) / "resident", [*recipe, "data.policy=none"]), device)
+    batch = trainer.cfg.data.batch_size
+    images = CIFAR10_TRAIN_IMAGES * RECIPE_EPOCHS
+    return [
+        (
+            "recipe: vit_cifar10 training throughput",
+            f"{batch / shipped:,.0f} img/s (AutoAugment, {args.workers} workers, {shipped_wait:.0%} data wait)",
+            f"{batch / resident:,.0f} img/s (no policy, data on the device)",
+            f"200 epochs in {images * shipped / batch / 3600:.1f} h",
+            f"<= 10 min on one H100 ({images / RECIPE_GOAL_S:,.0f} img/s)",
         )
     ]
 
@@ -424,6 +436,7 @@ BENCHMARKS = {
     "lightning": bench_lightning,
     "model": bench_model,
     "wait": bench_wait,
+    "recipe": bench_recipe,
     "gpu": bench_gpu,
 }
 
