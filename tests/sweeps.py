@@ -49,12 +49,9 @@ def assert_report_means(sweep_dir: Path, cells: int) -> None:
     assert len(rows) == cells
     results = list(job_results(sweep_dir).values())
     for row in rows:
-        mine = [
-            r["test"]["acc"]
-            for r in results
-            if r["choices"]["aug"] == row["aug"] and r["smoothing"] == float(row["smoothing"])
-        ]
-        assert mine and float(row["test_acc_mean"]) == statistics.fmean(mine)
+        mine = [r for r in results if r["choices"]["aug"] == row["aug"] and r["smoothing"] == float(row["smoothing"])]
+        assert mine and float(row["test_acc_mean"]) == statistics.fmean(r["test"]["acc"] for r in mine)
+        assert float(row["data_wait"]) == statistics.fmean(r["data_wait"] for r in mine)
         assert int(row["seeds_done"]) == len(mine)
     for plot in ("accuracy_heatmap.png", "ece_vs_smoothing.png", "val_curves.png"):
         assert (sweep_dir / plot).read_bytes()[:4] == b"\x89PNG"

@@ -64,6 +64,6 @@ def test_bench_measures_the_cifar10_recipe_as_shipped(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "vitexp.bench", "--what", "recipe", "--steps", "1", "--workers", "1"]
     result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    pattern = r"\| recipe: .* \| ([\d,]+) img/s \(AutoAugment.* \| ([\d,]+) img/s .* in ([\d.]+) h \|"
+    pattern = r"\| recipe: .* \| ([\d,]+) img/s \+ ([\d.]+) s per epoch .* \| ([\d,]+) img/s .* in ([\d.]+) h \|"
     row = re.search(pattern, out.read_text())
-    assert row and all(float(value.replace(",", "")) > 0 for value in row.groups())
+    assert row and all(float(value.replace(",", "")) >= 0 for value in row.groups())

@@ -22,6 +22,8 @@ from vitexp.data import (
     DataError,
     EpochOrder,
     PetsImages,
+    PolicyImages,
+    SampleSeeds,
     build_splits,
     prepare_pets,
     stratified_split,
@@ -179,3 +181,24 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch() -> 
     other_seed = EpochOrder(size=103, batch_size=10, batches_per_epoch=10, seed=6)
     other_seed.set_position(epoch=2)
     assert list(other_seed) != full
+
+
+def test_policy_images_draw_from_their_own_seed_and_leave_the_global_rng_alone() -> None:
+    order = EpochOrder(size=40, batch_size=10, batches_per_epoch=4, seed=5)
+    order.set_position(epoch=1)
+    items = list(SampleSeeds(order))
+    assert [index for index, _ in items] == list(order) and len({seed for _, seed in items}) == 40
+    order.set_position(epoch=1, start_batch=2)
+    assert list(SampleSeeds(order)) == items[20:]  # a resumed epoch gives the same images the same seeds
+    order.set_position(epoch=2)
+    assert {seed for _, seed in SampleSeeds(order)}.isdisjoint(seed for _, seed in items)
+
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    policy = PolicyImages(torch.utils.data.TensorDataset(images, torch.zeros(40)), "randaugment", "digits")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = [policy[item][0] for item in items]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, policy[item][0]) for a, item in zip(first, items, strict=True))
+    index, seed = items[0]
+    assert any(not torch.equal(first[0], policy[(index, seed + k)][0]) for k in range(1, 5))  # it does draw

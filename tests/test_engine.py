@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from tests.conftest import TINY, run_train
 from vitexp import checkpoint, engine
-from vitexp.data import DeviceData
 from vitexp.engine import DATA_WAIT_WARNING, NonFiniteLossError, RunConflictError, RunIdentity, Trainer
 from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
@@ -102,9 +102,13 @@ def test_resume_after_an_epoch_gives_identical_weights_and_metrics(make_cfg, tmp
     assert straight["test"] == resumed["test"]
 
 
-@pytest.mark.parametrize("on_device", ["true", "false"])
-def test_resume_mid_epoch_gives_identical_weights(make_cfg, tmp_path: Path, monkeypatch, on_device: str) -> None:
-    make_cfg = partial(make_cfg, f"data.on_device={on_device}")
+@pytest.mark.parametrize(
+    "data_path",
+    [["data.on_device=true"], ["data.on_device=false"], ["data.policy=trivialaugment", "data.num_workers=2"]],
+    ids=["on-device", "dataloader", "policy-workers"],
+)
+def test_resume_mid_epoch_gives_identical_weights(make_cfg, tmp_path: Path, monkeypatch, data_path: list) -> None:
+    make_cfg = partial(make_cfg, *data_path)
     fit(make_cfg, tmp_path / "straight")
     original_step = Trainer.optimizer_step
 
@@ -213,21 +217,21 @@ def test_data_wait_is_the_share_of_each_epoch_spent_waiting_for_batches(
     rows = read_jsonl(tmp_path / "quick" / "metrics.jsonl")
     assert all(0 <= row["data_wait"] < DATA_WAIT_WARNING for row in rows)  # indexing on-device data is no wait
     assert quick["data_wait"] == pytest.approx(sum(row["data_wait"] for row in rows) / len(rows))
+    assert "waited for" not in caplog.text
 
-    batches, delay = DeviceData.batches, 0.05
+    get_item, delay = TensorDataset.__getitem__, 0.0005
 
-    def slow_batches(self: DeviceData, *args, **kwargs):
-        for batch in batches(self, *args, **kwargs):
-            time.sleep(delay)  # a data path that cannot keep up
-            yield batch
+    def slow_item(self: TensorDataset, index: int):
+        time.sleep(delay)  # a DataLoader that cannot keep up
+        return get_item(self, index)
 
-    monkeypatch.setattr(DeviceData, "batches", slow_batches)
-    fit(make_cfg, tmp_path / "slow", "aug=none")
-    steps = checkpoint.load(tmp_path / "slow" / "last.pt")["progress"]["step"] // 2  # per epoch
+    monkeypatch.setattr(TensorDataset, "__getitem__", slow_item)
+    fit(make_cfg, tmp_path / "slow", "aug=none", "data.on_device=false")
+    images = checkpoint.load(tmp_path / "slow" / "last.pt")["progress"]["step"] // 2 * 128  # per epoch
     for row in read_jsonl(tmp_path / "slow" / "metrics.jsonl"):
         waited = row["data_wait"] * row["epoch_time_s"]
-        assert steps * delay <= waited < row["epoch_time_s"]
-    assert "waited for data" in caplog.text and "batch augmentation" in caplog.text
+        assert images * delay <= waited < row["epoch_time_s"]
+    assert "waited for DataLoader batches" in caplog.text and "data.num_workers" in caplog.text
 
 
 def test_training_steps_read_nothing_from_the_device_between_log_intervals(
@@ -265,3 +269,39 @@ def test_training_steps_read_nothing_from_the_device_between_log_intervals(
     assert reads == []
     fit(make_cfg, tmp_path / "logged", *RANDOM, "trainer.log_every=5")
     assert reads and all(read.endswith(("read_nonfinite", "compute")) for read in reads)  # once per 5 steps
+
+
+def test_a_run_started_by_the_previous_version_resumes(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Its checkpoint has an unfused optimizer and its metrics rows have no data_wait."""
+    original_save = Trainer.save_last
+
+    def save_then_die(self: Trainer) -> None:
+        original_save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_cfg, tmp_path / "run")
+    monkeypatch.undo()
+    last = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(last)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    checkpoint.save(last, state)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    (row,) = read_jsonl(metrics)
+    del row["data_wait"]
+    metrics.write_text(json.dumps(row) + "\n")
+
+    results = fit(make_cfg, tmp_path / "run")
+    rows = read_jsonl(metrics)
+    assert [r["epoch"] for r in rows] == [1, 2] and "data_wait" not in rows[0]
+    assert results["data_wait"] == rows[1]["data_wait"]
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+def test_a_per_image_policy_draws_the_same_whatever_the_workers(make_cfg, tmp_path: Path) -> None:
+    """Each image's policy is seeded by (seed, epoch, index): 0 or 2 workers train the same weights."""
+    for workers in (0, 2):
+        fit(make_cfg, tmp_path / str(workers), *RANDOM, "data.policy=randaugment", f"data.num_workers={workers}")
+    assert_same_weights(final_weights(tmp_path / "0"), final_weights(tmp_path / "2"))

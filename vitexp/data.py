@@ -366,6 +366,7 @@ class DeviceData:
         self.images, self.labels = (tensor.to(device) for tensor in dataset.tensors)
         if device.type == "cpu":  # the layout the CPU's per-image resize reads (see augment.crop_flip_resize)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
+            dataset.tensors = (self.images, self.labels)  # one copy in memory, not two
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -400,7 +401,12 @@ POLICIES = {
 
 
 class PolicyImages(Dataset):
-    """A per-image augmentation policy (AutoAugment & co.) run on uint8 images in the DataLoader workers."""
+    """A per-image augmentation policy (AutoAugment & co.) run on uint8 images in the DataLoader workers.
+
+    Items are `(index, seed)` pairs from `SampleSeeds`: each image's random policy is drawn from its own
+    seed, so the result does not depend on which worker runs it, how many there are, or where a resumed
+    run starts, and the workers can stay up from one epoch to the next.
+    """
 
     def __init__(self, dataset: Dataset, policy: str, dataset_name: str) -> None:
         self.dataset, self.transform = dataset, POLICIES[policy](dataset_name)
@@ -408,9 +414,26 @@ class PolicyImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
         image, label = self.dataset[index]
-        return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # torchvision's policies draw from the global RNG
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class SampleSeeds(Sampler[tuple[int, int]]):
+    """An `EpochOrder`'s indices, each paired with a seed that is a function of (run seed, epoch, index)."""
+
+    def __init__(self, order: EpochOrder) -> None:
+        self.order = order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.order.seed * 100_003 + self.order.epoch) * 10_000_019
+        return ((index, (base + index) % 2**63) for index in self.order.indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sampler | None, pin: bool) -> DataLoader:
@@ -423,7 +446,7 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sam
         shuffle=False,
         num_workers=cfg.num_workers,
         pin_memory=pin,
-        persistent_workers=cfg.num_workers > 0 and cfg.policy == "none",  # else workers reseed every epoch
+        persistent_workers=cfg.num_workers > 0,
         drop_last=False,
         generator=torch.Generator(),
     )

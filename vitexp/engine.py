@@ -28,7 +28,7 @@ from vitexp import checkpoint
 from vitexp.augment import BatchAugment
 from vitexp.cluster import PreemptionHandler
 from vitexp.config import Config, ConfigError, DataConfig, config_diff, config_hash, semantic_config, validate
-from vitexp.data import DeviceData, EpochOrder, PolicyImages, Splits, build_splits, make_loader
+from vitexp.data import DeviceData, EpochOrder, PolicyImages, SampleSeeds, Splits, build_splits, make_loader
 from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import DataWait, EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters, param_groups
@@ -151,11 +151,11 @@ class Trainer:
         if self.resident:
             self.device_data = {name: DeviceData(getattr(self.splits, name), self.device) for name in SPLITS}
         else:
-            train = self.splits.train
+            train, sampler = self.splits.train, self.order
             if data.policy != "none":
-                train = PolicyImages(train, data.policy, data.name)
+                train, sampler = PolicyImages(train, data.policy, data.name), SampleSeeds(self.order)
             self.loaders = {
-                "train": make_loader(train, data.batch_size, data, self.order, pin),
+                "train": make_loader(train, data.batch_size, data, sampler, pin),
                 "val": make_loader(self.splits.val, data.eval_batch_size, data, None, pin),
                 "test": make_loader(self.splits.test, data.eval_batch_size, data, None, pin),
             }
@@ -223,6 +223,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the kernel choice is this version's, not the checkpoint's
+            group["fused"], group["foreach"] = True, None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
@@ -351,8 +353,6 @@ class Trainer:
         """A split's batches: the rest of `epoch` in its seeded order for train, storage order otherwise."""
         if split == "train":
             self.order.set_position(epoch, self.progress.batch)
-            if not self.resident:  # seeds the workers (per-image policies) from (seed, epoch) too
-                self.loaders["train"].generator.manual_seed(self.cfg.seed * 100_003 + epoch)
         if self.resident:
             indices = self.order.indices() if split == "train" else None
             size = self.cfg.data.batch_size if split == "train" else self.cfg.data.eval_batch_size
@@ -434,14 +434,12 @@ class Trainer:
         row |= {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
         data_wait = self.data_wait.seconds / max(seconds, 1e-9)
         row |= {"epoch_time_s": seconds, "data_wait": data_wait, "nonfinite_steps": self.progress.nonfinite_total}
-        if data_wait > DATA_WAIT_WARNING:
+        if data_wait > DATA_WAIT_WARNING and not self.resident:
             log.warning(
-                "epoch %d waited for data %.0f%% of its time: %s",
+                "epoch %d waited for DataLoader batches %.0f%% of its time: raise data.num_workers, or keep the "
+                "data on the device (data.cache=true, data.policy=none)",
                 epoch + 1,
                 data_wait * 100,
-                "raise data.num_workers, or keep the data on the device (data.cache=true, data.policy=none)"
-                if not self.resident
-                else "the batch augmentation, not the model, is the limit on this device",
             )
         return row
 
@@ -457,8 +455,8 @@ class Trainer:
             "params": self.params,
             "epochs": self.cfg.trainer.epochs,
             "wall_time_s": wall,
-            "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / max(len(rows), 1),
-            "data_wait": sum(r["data_wait"] for r in rows) / max(len(rows), 1),
+            "epoch_time_s": mean_of(rows, "epoch_time_s"),
+            "data_wait": mean_of(rows, "data_wait"),
             "train_img_per_s": img_per_s if epoch_times else None,
             "nonfinite_steps": self.progress.nonfinite_total,
             "choices": self.choices,
@@ -479,6 +477,12 @@ class Trainer:
             test["loss"],
         )
         return results
+
+
+def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of `key` over the epoch rows that have it (a run resumed across versions may lack it)."""
+    values = [row[key] for row in rows if key in row]
+    return sum(values) / len(values) if values else None
 
 
 def finished_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -45,6 +45,10 @@ class Cell:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
+    def mean_result(self, key: str) -> float:
+        """The mean of a top-level results.json figure over the seeds that have it (NaN if none does)."""
+        return self.mean_std([r[key] for r in self.results if r.get(key) is not None])[0]
+
     @property
     def status(self) -> str:
         return f"{len(self.results)}/{len(self.jobs)}" + (f" ({'; '.join(self.problems)})" if self.problems else "")
@@ -102,7 +106,8 @@ class Report:
             for key, _ in METRICS:
                 row[f"test_{key}_mean"], row[f"test_{key}_std"] = cell.mean_std(cell.values(key))
             row["params"] = cell.results[0]["params"] if cell.results else None
-            row["epoch_time_s"] = cell.mean_std([r["epoch_time_s"] for r in cell.results])[0]
+            row["epoch_time_s"] = cell.mean_result("epoch_time_s")
+            row["data_wait"] = cell.mean_result("data_wait")
             row["status"] = cell.status
             rows.append(row)
         return rows
@@ -134,8 +139,8 @@ def markdown(cells: list[Cell]) -> str:
         + ("other | " if show_other else "")
         + "params | "
         + " | ".join(name for _, name in METRICS)
-        + " | epoch time (s) | seeds |",
-        "|---" * (6 + show_other + len(METRICS)) + "|",
+        + " | epoch time (s) | data wait | seeds |",
+        "|---" * (7 + show_other + len(METRICS)) + "|",
     ]
     for cell in cells:
         metrics = [
@@ -143,13 +148,14 @@ def markdown(cells: list[Cell]) -> str:
             for key, _ in METRICS
         ]
         params = f"{cell.results[0]['params']:,}" if cell.results else "—"
-        epoch = cell.mean_std([r["epoch_time_s"] for r in cell.results])[0]
+        epoch, wait = cell.mean_result("epoch_time_s"), cell.mean_result("data_wait")
         lines.append(
             f"| {cell.model} | {cell.aug} | {cell.smoothing:g} | "
             + (f"{cell.other} | " if show_other else "")
             + f"{params} | "
             + " | ".join(metrics)
-            + f" | {'—' if math.isnan(epoch) else f'{epoch:.1f}'} | {cell.status} |"
+            + f" | {'—' if math.isnan(epoch) else f'{epoch:.1f}'} | {'—' if math.isnan(wait) else f'{wait:.0%}'}"
+            + f" | {cell.status} |"
         )
     out = ["# Sweep report", "", "Test metrics, mean ± std over seeds (accuracy in %).", "", *lines]
     for model in sorted({c.model for c in cells}):
