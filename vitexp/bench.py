@@ -412,7 +412,7 @@ def bench_recipe(args: argparse.Namespace, device: torch.device) -> list[Row]:
     return [
         (
             "recipe: vit_cifar10 training throughput",
-            f"{batch / step:,.0f} img/s + {start:.2f} s per epoch to start workers "
+            f"{batch / step:,.0f} img/s + {start:.2f} s per epoch of start-up "
             f"(AutoAugment, {args.workers} workers, {wait:.0%} data wait)",
             f"{batch / resident_step:,.0f} img/s (no policy, data on the device)",
             f"200 epochs in {total / 3600:.2f} h",
