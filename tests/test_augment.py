@@ -162,7 +162,7 @@ def test_cpu_per_image_resize_matches_the_batched_grid_sample() -> None:
     """The CPU path (uint8, image by image) and the GPU path (one grid_sample) draw the same pictures."""
     size, out_size, n = 64, 48, 64
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    phase = torch.rand(n, 3, 1, 1) * 6
+    phase = torch.rand(n, 3, 1, 1, generator=gen(0)) * 6
     smooth_images = 127.5 + 120 * torch.sin(xx / 20 + phase) * torch.cos(yy / 24 + phase)  # no detail to alias
     images = smooth_images.round().to(torch.uint8)
     boxes = sample_crop_boxes(n, size, (0.08, 1.0), (3 / 4, 4 / 3), gen(1))

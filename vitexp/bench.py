@@ -384,8 +384,8 @@ CIFAR10_TRAIN_IMAGES, RECIPE_EPOCHS, RECIPE_GOAL_S = 50_000, 200, 600
 def epoch_cost(trainer, device: torch.device) -> tuple[float, float, float]:
     """(seconds per step, fixed seconds per epoch, data-wait share) of `trainer`'s training epochs.
 
-    The fixed part (DataLoader workers that start with every epoch, as per-image policies need) is
-    separated by timing epochs of n and 2n steps: the step cost is their difference over n.
+    The fixed part (starting an epoch's DataLoader iterator, filling its prefetch) is separated by
+    timing epochs of n and 2n steps: the step cost is their difference over n.
     """
     n = min(trainer.order.batches_per_epoch, len(trainer.splits.train) // trainer.cfg.data.batch_size // 2)
     trainer.order.batches_per_epoch = n
