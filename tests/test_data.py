@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import multiprocessing
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -15,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import OxfordIIITPet
 
-from tests.conftest import PET_BREEDS, write_pets_tree
+from tests.conftest import PET_BREEDS, REPO, write_pets_tree
 from vitexp.config import DataConfig
 from vitexp.data import (
     PETS_COMPLETE_MARKER,
@@ -79,8 +86,17 @@ def test_odd_images_become_rgb_and_a_truncated_one_is_named(pets_root: Path) -> 
 
 
 def test_missing_dataset_without_download_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="oxford-iiit-pet is incomplete.*data.download=true"):
         prepare_pets(tmp_path / "nothing", download=False)
+
+
+@pytest.mark.parametrize("name", ["pets", "cifar10", "fmnist"])
+def test_a_nonexistent_root_is_named_and_not_created(name: str, tmp_path: Path) -> None:
+    root = tmp_path / "nonexistent"
+    with pytest.raises(DataError, match=f"^data.root {re.escape(str(root))} does not exist .*data.download=true"):
+        build_splits(DataConfig(name=name, root=str(root), download=False, num_workers=0))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_half_extracted_tree_is_detected(pets_root: Path) -> None:
@@ -117,7 +133,7 @@ def pets_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dic
         for name in ("images", "annotations")
     )
     monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", resources)
-    yield {"requests": requests, "source": source}
+    yield {"requests": requests, "source": source, "served": served, "url": url}
     server.shutdown()
 
 
@@ -157,6 +173,140 @@ def test_half_extracted_tree_is_downloaded_again(pets_server: dict, tmp_path: Pa
     prepare_pets(root, download=True)
     assert victim.exists() and (base / PETS_COMPLETE_MARKER).exists()
     assert len(pets_server["requests"]) == 2 * first_download
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A local port that refuses connections: bound, never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def _broken_images(failure: str, server: dict, closed_port: int) -> tuple[str, str, str]:
+    """An images.tar.gz resource (url, md5) that fails in the way named, and what the error must say of it."""
+    served, url = server["served"], server["url"]
+    if failure == "404":
+        return f"{url}/gone/images.tar.gz", "0" * 32, "HTTP Error 404"
+    if failure == "refused":
+        return f"http://127.0.0.1:{closed_port}/images.tar.gz", "0" * 32, "Connection refused"
+    if failure == "truncated archive":
+        archive = (served / "images.tar.gz").read_bytes()
+        (served / "broken.tar.gz").write_bytes(archive[: len(archive) // 2])
+    else:  # an archive without one of the images the annotations list
+        with tarfile.open(served / "broken.tar.gz", "w:gz") as tar:
+            tar.add(server["source"] / "images", "images", filter=lambda m: None if "beagle_2." in m.name else m)
+    md5 = hashlib.md5((served / "broken.tar.gz").read_bytes()).hexdigest()
+    reason = "Compressed file ended" if failure == "truncated archive" else "lack 1 files, e.g. beagle_2.jpg"
+    return f"{url}/broken.tar.gz", md5, reason
+
+
+def _files(base: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(base)): path.read_bytes() for path in sorted(base.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["404", "refused", "truncated archive", "archive lacking an image"])
+def test_a_failed_download_leaves_the_existing_tree_untouched(
+    failure: str, pets_server: dict, closed_port: int, pets_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = pets_root / "oxford-iiit-pet"
+    (base / "images" / "beagle_7.jpg").unlink()
+    before = _files(base)
+    url, md5, reason = _broken_images(failure, pets_server, closed_port)
+    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", ((url, md5), OxfordIIITPet._RESOURCES[1]))
+    with pytest.raises(DataError, match=f"1 files missing, e.g. \\S*beagle_7.jpg; downloading it failed: .*{reason}"):
+        prepare_pets(pets_root, download=True)
+    assert _files(base) == before
+    assert {path.name for path in pets_root.iterdir()} - {".oxford-iiit-pet.lock"} == {"oxford-iiit-pet"}  # no temp dir
+
+
+def test_a_replaced_image_rebuilds_the_cache(pets_root: Path) -> None:
+    cfg = pets_cfg(pets_root, num_workers=0)
+    before = build_splits(cfg).test.tensors[0][0]  # Abyssinian_1001, the first line of test.txt
+    Image.new("RGB", (320, 240), (255, 255, 255)).save(pets_root / "oxford-iiit-pet" / "images" / "Abyssinian_1001.jpg")
+    after = build_splits(cfg).test.tensors[0][0]
+    fresh = PetsImages(pets_root, "test", cfg.stored_size)[0][0]
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+    assert fresh.min() == 255  # the white picture, not the old pixels
+
+
+@pytest.mark.parametrize(
+    ("split", "number", "line", "marked"),
+    [
+        ("trainval", 7, "", False),  # blank: found while checking an unmarked tree
+        ("test", 3, "beagle_1003 38 2 1", True),  # class out of range: found when the listing is read
+        ("test", 5, "beagle_1005 5 dog 1", True),
+    ],
+)
+def test_a_malformed_annotation_line_is_named(
+    split: str, number: int, line: str, marked: bool, pets_root: Path
+) -> None:
+    if marked:
+        prepare_pets(pets_root, download=False)
+    listing = pets_root / "oxford-iiit-pet" / "annotations" / f"{split}.txt"
+    lines = listing.read_text().splitlines()
+    lines[number - 1] = line
+    listing.write_text("\n".join(lines) + "\n")
+    expected = f"{listing} line {number}: expected '<image> <class 1-37> <species> <breed id>', got {line!r}"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
+        build_splits(pets_cfg(pets_root, num_workers=0))
+
+
+# --- a read-only dataset: a process that file permissions apply to -----------------------------------
+@pytest.fixture
+def unprivileged() -> list[str]:
+    """A command prefix under which chmod holds: as root, a process without CAP_DAC_OVERRIDE (setpriv)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-fowner", "--"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"]).returncode != 0:
+        pytest.skip("running as root, where chmod does not stop writes, and setpriv cannot drop CAP_DAC_OVERRIDE")
+    return prefix
+
+
+def _load_pets(prefix: list[str], root: Path, **overrides) -> subprocess.CompletedProcess[str]:
+    """build_splits in a process run under `prefix`; it prints the sizes of train+val and test."""
+    code = (
+        "import json, sys; from vitexp.config import DataConfig; from vitexp.data import build_splits; "
+        "s = build_splits(DataConfig(**json.loads(sys.argv[1]))); print(len(s.train) + len(s.val), len(s.test))"
+    )
+    cfg = {"name": "pets", "root": str(root), "img_size": 32, "crop_pct": 0.8, "num_workers": 0, **overrides}
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, json.dumps(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def _read_only(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """chmod the tree read-only; return every path under `root` (itself included) with mtime and bytes."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return _state(root)
+
+
+def _state(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    paths = [root, *sorted(root.rglob("*"))]
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in paths}
+
+
+def test_a_read_only_dataset_works_with_cache_dir_and_is_never_written(
+    pets_root: Path, tmp_path: Path, unprivileged: list[str]
+) -> None:
+    before = _read_only(pets_root)  # a complete tree without the marker, as a shared copy would be
+    cache_dir = tmp_path / "cache"
+    run = _load_pets(unprivileged, pets_root, cache_dir=str(cache_dir), download=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(12 * len(PET_BREEDS))] * 2
+    assert _state(pets_root) == before
+    assert sorted(path.name.split("-")[0] for path in cache_dir.glob("*.pt")) == ["test", "trainval"]
+
+
+def test_a_read_only_root_without_cache_dir_asks_for_one(pets_root: Path, unprivileged: list[str]) -> None:
+    before = _read_only(pets_root)
+    run = _load_pets(unprivileged, pets_root)
+    assert run.returncode == 1
+    expected = f"DataError: cannot write to {pets_root} (Permission denied): set data.cache_dir to a writable directory"
+    assert expected in run.stderr.splitlines()[-1]
+    assert _state(pets_root) == before
 
 
 def test_digits_splits_are_disjoint_and_test_is_fixed() -> None:

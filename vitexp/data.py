@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,15 +115,44 @@ def to_uint8_square(size: int) -> v2.Compose:
     return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
+PETS_LINE = "'<image> <class 1-37> <species> <breed id>'"
+
+
+def pets_listing(base: Path, split: str) -> list[str]:
+    """The image names `annotations/<split>.txt` lists, every line checked first.
+
+    torchvision's parser fails on a blank or malformed line with a bare ValueError that names neither
+    the file nor the line, and it accepts class ids outside the 37 breeds.
+    """
+    path = base / "annotations" / f"{split}.txt"
+    names = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not (
+            len(fields) == 4
+            and all(field.isdecimal() for field in fields[1:])
+            and 1 <= int(fields[1]) <= len(PETS_CLASSES)
+        ):
+            raise DataError(f"{path} line {number}: expected {PETS_LINE}, got {line!r}")
+        names.append(fields[0])
+    return names
+
+
 class PetsImages(Dataset):
     """torchvision's OxfordIIITPet yielding uint8 squares; a file that cannot be decoded is named in the error."""
 
     def __init__(self, root: Path, split: str, size: int) -> None:
+        pets_listing(root / "oxford-iiit-pet", split)  # a clear error before torchvision's parser sees it
         self.pets = OxfordIIITPet(root, split=split, transform=to_uint8_square(size))
+        self.size = size
 
     @property
     def labels(self) -> list[int]:
         return self.pets._labels
+
+    @property
+    def files(self) -> list[Path]:
+        return self.pets._images
 
     def __len__(self) -> int:
         return len(self.pets)
@@ -141,38 +172,112 @@ def _missing_pets_files(base: Path) -> list[Path]:
         if not listing.is_file():
             missing.append(listing)
             continue
-        for line in listing.read_text().splitlines():
-            if line.strip():
-                image = base / "images" / f"{line.split()[0]}.jpg"
-                if not image.is_file():
-                    missing.append(image)
+        images = (base / "images" / f"{name}.jpg" for name in pets_listing(base, split))
+        missing += [image for image in images if not image.is_file()]
     return missing
 
 
-def prepare_pets(root: Path, download: bool) -> Path:
+def _require_root(root: Path, download: bool) -> None:
+    """With data.download=false nothing is created: a mistyped data.root must not become an empty directory."""
+    if not download and not root.exists():
+        raise DataError(
+            f"data.root {root} does not exist (point data.root at the directory that holds the dataset, "
+            "or set data.download=true to download it there)"
+        )
+
+
+def _not_writable(place: Path, err: OSError) -> DataError:
+    return DataError(
+        f"cannot write to {place} ({err.strerror or err}): set data.cache_dir to a writable directory "
+        "for the cache and lock files"
+    )
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Hold a file lock; a place where it cannot be created is an error that says where to put it instead."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:
+        raise _not_writable(lock_path.parent, err) from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _incomplete(base: Path, missing: list[Path]) -> str:
+    return f"Oxford-IIIT Pet at {base} is incomplete: {len(missing)} files missing, e.g. {missing[0]}"
+
+
+def _mark_complete(base: Path) -> None:
+    try:
+        (base / PETS_COMPLETE_MARKER).write_text("ok\n")
+    except OSError as err:
+        raise _not_writable(base, err) from err
+
+
+def _swap_in(fresh: Path, base: Path, aside: Path) -> None:
+    """Replace `base` by `fresh` with renames: at every moment the old tree or the new one is in place."""
+    if os.path.lexists(base):
+        base.rename(aside)
+    try:
+        fresh.rename(base)
+    except OSError:
+        if os.path.lexists(aside):
+            aside.rename(base)
+        raise
+
+
+def _download_pets(root: Path, base: Path, missing: list[Path]) -> None:
+    """Download into a temp dir next to `base` (same filesystem), verify it there, then swap it in.
+
+    Whatever fails (no network, HTTP error, corrupt archive, files missing after extraction), the
+    existing tree stays as it was and the temp dir is removed.
+    """
+    staging = root / f".oxford-iiit-pet.download-{os.getpid()}"
+    if base.exists():
+        log.warning("Pets tree at %s is incomplete (%d files missing); downloading it again", base, len(missing))
+    try:
+        for stale in root.glob(".oxford-iiit-pet.download-*"):  # left by killed jobs; we hold the download lock
+            shutil.rmtree(stale, ignore_errors=True)
+        OxfordIIITPet(staging, split="trainval", download=True)
+        fresh = staging / "oxford-iiit-pet"
+        if lacking := _missing_pets_files(fresh):
+            raise DataError(f"the downloaded archives lack {len(lacking)} files, e.g. {lacking[0].name}")
+        (fresh / PETS_COMPLETE_MARKER).write_text("ok\n")
+        _swap_in(fresh, base, staging / "previous")
+    except Exception as err:
+        raise DataError(
+            f"{_incomplete(base, missing)}; downloading it failed: {str(err) or repr(err)} "
+            "(the files there were left as they were)"
+        ) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_pets(root: Path, download: bool, cache_dir: Path | None = None) -> Path:
     """Make sure a complete Pets tree is under `root`, downloading it at most once across processes.
 
     Concurrent jobs of a sweep share `root`: a file lock serialises the download, and a marker written
-    after the tree checks out tells a complete tree from one a killed job left half-extracted.
+    after the tree checks out tells a complete tree from one a killed job left half-extracted. With a
+    `cache_dir` the lock lives there and nothing is written into a complete tree, so a shared read-only
+    copy works (its files are checked instead of the marker).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    _require_root(root, download)
     base = root / "oxford-iiit-pet"
-    with FileLock(str(root / ".oxford-iiit-pet.lock")):
-        if (base / PETS_COMPLETE_MARKER).exists():
+    with _locked((cache_dir or root) / ".oxford-iiit-pet.lock"):
+        if (base / PETS_COMPLETE_MARKER).is_file():
             return base
-        missing = _missing_pets_files(base) if base.exists() else [base]
-        if missing and download:
-            if base.exists():
-                log.warning("Pets tree at %s is incomplete (%d files missing); downloading again", base, len(missing))
-                shutil.rmtree(base)
-            OxfordIIITPet(root, split="trainval", download=True)
-            missing = _missing_pets_files(base)
+        missing = _missing_pets_files(base) if base.is_dir() else [base]
+        if missing and not download:
+            raise DataError(f"{_incomplete(base, missing)} (set data.download=true to download it)")
         if missing:
-            hint = "set data.download=true" if not download else "delete it and run again"
-            raise DataError(
-                f"Oxford-IIIT Pet at {base} is incomplete: {len(missing)} files missing, e.g. {missing[0]} ({hint})"
-            )
-        (base / PETS_COMPLETE_MARKER).write_text("ok\n")
+            _download_pets(root, base, missing)
+        elif cache_dir is None:
+            _mark_complete(base)
     return base
 
 
@@ -197,8 +302,7 @@ def cached(dataset: Dataset, cache_dir: Path, key: dict[str, Any], num_workers: 
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"{key['split']}-{key['size']}px-{digest}.pt"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with _locked(path.with_name(path.name + ".lock")):
         if path.exists():
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -219,31 +323,48 @@ def split_tensors(data: TensorDataset, idx: list[int]) -> TensorDataset:
     return TensorDataset(*(t[idx] for t in data.tensors))
 
 
+def _files_digest(files: list[Path]) -> str:
+    """Size and mtime of every image: a replaced image changes the cache key, its name alone does not."""
+    digest = hashlib.sha256()
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError as err:
+            raise DataError(f"cannot read image {file}: {err}") from err
+        digest.update(f"{file.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _pets_cache_key(base: Path, split: str, images: PetsImages) -> dict[str, Any]:
+    """Everything that shapes a split's cached pixels and labels: size, decoding, listing, each image file."""
+    listing = (base / "annotations" / f"{split}.txt").read_bytes()
+    return {
+        "dataset": "pets",
+        "split": split,
+        "size": images.size,
+        "version": CACHE_VERSION,
+        "listing": hashlib.sha256(listing).hexdigest(),
+        "files": _files_digest(images.files),
+    }
+
+
+def _cache_dir(cfg: DataConfig) -> Path | None:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+
+
 def load_pets(cfg: DataConfig) -> Splits:
     root = Path(cfg.root).expanduser()
-    base = prepare_pets(root, cfg.download)
-    trainval: Dataset = PetsImages(root, "trainval", cfg.stored_size)
-    test: Dataset = PetsImages(root, "test", cfg.stored_size)
-    labels = trainval.labels
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
-    if cfg.cache:
-
-        def key(split: str) -> dict[str, Any]:
-            listing = (base / "annotations" / f"{split}.txt").read_bytes()
-            return {
-                "dataset": "pets",
-                "split": split,
-                "size": cfg.stored_size,
-                "version": CACHE_VERSION,
-                "listing": hashlib.sha256(listing).hexdigest(),
-            }
-
-        trainval = cached(trainval, base / ".vitexp-cache", key("trainval"), cfg.num_workers)
-        test = cached(test, base / ".vitexp-cache", key("test"), cfg.num_workers)
-        train, val = split_tensors(trainval, train_idx), split_tensors(trainval, val_idx)
-    else:
+    base = prepare_pets(root, cfg.download, _cache_dir(cfg))
+    trainval, test = (PetsImages(root, split, cfg.stored_size) for split in ("trainval", "test"))
+    train_idx, val_idx = stratified_split(trainval.labels, cfg.val_fraction, cfg.split_seed)
+    if not cfg.cache:
         train, val = torch.utils.data.Subset(trainval, train_idx), torch.utils.data.Subset(trainval, val_idx)
-    return Splits(train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+        return Splits(train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+    cache_dir = _cache_dir(cfg) or base / ".vitexp-cache"
+    trainval_data = cached(trainval, cache_dir, _pets_cache_key(base, "trainval", trainval), cfg.num_workers)
+    test_data = cached(test, cache_dir, _pets_cache_key(base, "test", test), cfg.num_workers)
+    train, val = split_tensors(trainval_data, train_idx), split_tensors(trainval_data, val_idx)
+    return Splits(train, val, test_data, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
 
 
 def to_stored(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -262,8 +383,8 @@ def load_torchvision_arrays(cfg: DataConfig) -> Splits:
 
     dataset_class = {"cifar10": CIFAR10, "fmnist": FashionMNIST}[cfg.name]
     root = Path(cfg.root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{cfg.name}.lock")):  # one download for a whole sweep
+    _require_root(root, cfg.download)
+    with _locked((_cache_dir(cfg) or root) / f".{cfg.name}.lock"):  # one download for a whole sweep
         splits = [dataset_class(str(root), train=train, download=cfg.download) for train in (True, False)]
     tensors = []
     for split in splits:
