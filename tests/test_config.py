@@ -90,6 +90,12 @@ def test_smoothing_accepts_values_in_unit_interval(make_cfg, smoothing: float) -
         ("model.heads=7", "model.heads=7 is not allowed"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed: expected one of auto, fp32, bf16, fp16"),
         ("data.crop_scale=[0.5,0.1]", "data.crop_scale=[0.5, 0.1] is not allowed"),
+        ("model.patch_size=0", "model.patch_size=0 is not allowed: expected an integer >= 1"),
+        ("data.img_size=8", "data.img_size=8 is not allowed: expected at least model.patch_size=16 (one patch)"),
+        ("sched.min_lr=0.01", "sched.min_lr=0.01 is not allowed: expected at most optim.lr=0.001"),
+        ("seed=-1", "seed=-1 is not allowed: expected an integer in [0, 2**32)"),
+        ("seed=4294967296", "seed=4294967296 is not allowed: expected an integer in [0, 2**32)"),
+        ("data.split_seed=-3", "data.split_seed=-3 is not allowed: expected an integer in [0, 2**32)"),
     ],
 )
 def test_out_of_range_values_fail_naming_key_value_and_range(make_cfg, override: str, message: str) -> None:
@@ -97,6 +103,45 @@ def test_out_of_range_values_fail_naming_key_value_and_range(make_cfg, override:
         validate(make_cfg(override))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_nesterov_needs_momentum(make_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"optim.nesterov=True is not allowed: expected false with optim.momentum=0"):
+        validate(make_cfg("optim=sgd", "optim.momentum=0"))
+    assert validate(make_cfg("optim=sgd", "optim.momentum=0", "optim.nesterov=false")).optim.momentum == 0
+
+
+def test_min_lr_above_lr_is_fine_without_the_cosine(make_cfg) -> None:
+    assert validate(make_cfg("sched=none", "sched.min_lr=0.01")).sched.min_lr == 0.01
+
+
+def test_warmup_longer_than_the_run_is_a_warning(make_cfg) -> None:
+    assert list(validate(make_cfg("trainer.epochs=3")).warnings()) == [
+        "sched.warmup_epochs=5 >= trainer.epochs=3: the learning rate never reaches optim.lr"
+    ]
+    assert list(validate(make_cfg("trainer.epochs=6")).warnings()) == []
+    assert list(validate(make_cfg("trainer.epochs=3", "sched=none")).warnings()) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+trainer.epoch=3"], "trainer.epoch (did you mean trainer.epochs?)"),
+        (["++trainer.epoch=50"], "trainer.epoch (did you mean trainer.epochs?)"),
+        (["+optim.weight_decy=0.1"], "optim.weight_decy (did you mean optim.weight_decay?)"),
+        (["+aug.alpha=0.4"], "aug.alpha (only aug=mixup or aug=cutmix has it, e.g. aug=mixup aug.alpha=..."),
+        (["+lr=0.1"], "lr (valid keys here: model, aug, data, optim, sched, logger, trainer, seed, smoothing"),
+        (
+            ["+model.depht=2", "+data.sise=3"],
+            "keys, nothing would read it: model.depht (did you mean model.depth?); data",
+        ),
+    ],
+)
+def test_keys_added_with_plus_that_no_schema_has_are_refused(make_cfg, overrides: list[str], message: str) -> None:
+    cfg = make_cfg(*overrides)  # Hydra lets `+` and `++` add any key
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_unknown_option_and_misspelled_key_fail_at_composition(make_cfg) -> None:
@@ -119,6 +164,25 @@ def test_cli_fails_before_touching_data(tmp_path: Path, override: str, expected:
     assert expected in result.stderr
     assert not root.exists(), "validation must fail before the dataset is touched"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            ["+trainer.epoch=3"],
+            "unknown config key, nothing would read it: trainer.epoch (did you mean trainer.epochs?)",
+        ),
+        (["dry_run=true"], "dry_run=true lists the jobs of a sweep and launches nothing: add -m"),
+        (["+sweep=aug_smoothing"], "+sweep=aug_smoothing defines a sweep, but without -m this would train one run"),
+    ],
+)
+def test_single_run_refuses_what_it_would_ignore(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    result = run_train(*overrides, f"data.root={root}", f"hydra.run.dir={run_dir}", "logger=none")
+    assert result.returncode == 2
+    assert f"error: {expected}" in result.stderr and "Traceback" not in result.stderr
+    assert not root.exists() and list(run_dir.iterdir()) == []  # nothing trained, nothing written
 
 
 def test_cutout_hole_must_fit_the_image(make_cfg) -> None:

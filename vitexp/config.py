@@ -3,12 +3,14 @@
 Hydra composes `conf/` against these dataclasses, so a misspelled key or a value of the wrong type fails
 at composition. `validate` then turns the composed config into these objects and checks ranges, so
 `smoothing=1.5` fails before any data is touched, with one line naming the key, the value and what is
-allowed.
+allowed. Hydra lets `+key=value` and `++key=value` add keys that no schema has; `validate` refuses those
+too, so a typo never turns into an experiment that silently ignores its override.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -116,6 +118,7 @@ class DataConfig:
     img_size: int = 224
     crop_pct: float = 0.875  # stored images are img_size / crop_pct; eval takes the center crop
     cache: bool = True  # decode once into a uint8 cache next to the dataset (Pets)
+    cache_dir: str | None = None  # where the cache and locks live; None: next to the dataset (Pets, under data.root)
     on_device: str = "auto"  # keep the uint8 splits on the training device: auto, true or false
     policy: str = "none"  # per-image CPU policy in DataLoader workers: autoaugment, trivialaugment, randaugment
     batch_size: int = 64
@@ -191,6 +194,11 @@ class SGDConfig(OptimConfig):
     def rules(self) -> Iterator[Rule]:
         yield from super().rules()
         yield "momentum", 0 <= self.momentum < 1, "a float in [0, 1)"
+        yield (
+            "nesterov",
+            not (self.nesterov and self.momentum == 0),
+            "false with optim.momentum=0 (Nesterov needs momentum)",
+        )
 
 
 @dataclass
@@ -265,12 +273,28 @@ class Config:
     dry_run: bool = False  # with -m: print the job table of the grid and launch nothing
 
     def rules(self) -> Iterator[Rule]:
+        """Top-level ranges and the rules that tie groups together (checked after each group's own rules)."""
         yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
+        yield "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"
+        yield "data.split_seed", 0 <= self.data.split_seed < 2**32, "an integer in [0, 2**32)"
         size, model = self.data.img_size, self.model
         if isinstance(model, ViTConfig):
+            yield "data.img_size", size >= model.patch_size, f"at least model.patch_size={model.patch_size} (one patch)"
             yield "model.patch_size", size % model.patch_size == 0, f"a divisor of data.img_size={size}"
         if isinstance(self.aug, CutoutConfig) and self.aug.length is not None:
             yield "aug.length", self.aug.length <= size, f"at most data.img_size={size} pixels"
+        if self.sched.name == "cosine":
+            lr = self.optim.lr
+            yield "sched.min_lr", self.sched.min_lr <= lr, f"at most optim.lr={lr:g} (the cosine decays down to it)"
+
+    def warnings(self) -> Iterator[str]:
+        """Legal but probably unintended settings: worth a line in the log, not a refusal."""
+        sched, epochs = self.sched, self.trainer.epochs
+        if sched.name == "cosine" and sched.warmup_epochs >= epochs:
+            yield (
+                f"sched.warmup_epochs={sched.warmup_epochs:g} >= trainer.epochs={epochs}: "
+                "the learning rate never reaches optim.lr"
+            )
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -296,10 +320,51 @@ def _format(value: Any) -> str:
     return str(list(value)) if isinstance(value, list) else repr(value)
 
 
+def _unknown_keys(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """(dotted key, schema of its node) for every key of `node` that its schema does not define."""
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key, value in node.items_ex(resolve=False):
+        if known is not None and key not in known:
+            yield prefix + str(key), schema  # type: ignore[misc]
+        elif isinstance(value, DictConfig):
+            yield from _unknown_keys(value, f"{prefix}{key}.")
+
+
+def _suggestion(key: str, schema: type) -> str:
+    """The closest key of the same node, or the options of its group that do have the key."""
+    group, _, leaf = key.rpartition(".")
+    prefix = f"{group}." if group else ""
+    close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(schema)], n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    owners = [
+        name for name, option in SCHEMAS.get(group, {}).items() if leaf in {f.name for f in dataclasses.fields(option)}
+    ]
+    if owners:
+        return f"only {' or '.join(f'{group}={o}' for o in owners)} has it, e.g. {group}={owners[0]} {key}=..."
+    valid = [f.name for f in dataclasses.fields(schema)]
+    return f"valid keys here: {', '.join(prefix + name for name in valid)}"
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys no schema defines (added with `+key=` or `++key=`): they would be silently ignored."""
+    unknown = list(_unknown_keys(cfg))
+    if unknown:
+        listed = "; ".join(f"{key} ({_suggestion(key, schema)})" for key, schema in unknown)
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}, nothing would read it: {listed}")
+
+
 def validate(cfg: DictConfig) -> Config:
-    """Check every range rule and return the typed config; raise ConfigError naming the first bad key."""
+    """Check keys and range rules and return the typed config; raise ConfigError naming the first bad key.
+
+    Each group's own ranges are checked before the rules that combine groups, so a cross-group rule never
+    sees a value its group has not accepted (`model.patch_size=0` is a range error, not a division by zero).
+    """
+    check_known_keys(cfg)
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    for prefix, node in [("", typed)] + [(f"{f.name}.", getattr(typed, f.name)) for f in dataclasses.fields(typed)]:
+    groups = [(f"{f.name}.", getattr(typed, f.name)) for f in dataclasses.fields(typed)]
+    for prefix, node in [*groups, ("", typed)]:
         if not hasattr(node, "rules"):
             continue
         for key, holds, allowed in node.rules():
@@ -317,6 +382,7 @@ VOLATILE_KEYS = (
     "data.root",
     "data.num_workers",
     "data.download",
+    "data.cache_dir",
     "trainer.log_every",
     "trainer.device",
 )
