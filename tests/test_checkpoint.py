@@ -74,3 +74,41 @@ def test_rng_state_round_trip_reproduces_draws() -> None:
     checkpoint.set_rng_state(state)
     again = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+class RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled with the unsafe loader."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker, path = tmp_path / "code-ran", tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "progress": RunsCode(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {path} holds objects other than tensors"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_state_round_trips_through_the_safe_loader(tmp_path: Path) -> None:
+    checkpoint.seed_everything(5)
+    np.random.standard_normal()  # a cached Gaussian is part of NumPy's state too
+    checkpoint.save(tmp_path / "state.pt", {"rng": checkpoint.rng_state()})
+    first = (torch.rand(3), np.random.rand(), np.random.standard_normal(), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "state.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(), np.random.standard_normal(), random.random())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_a_checkpoint_from_before_the_safe_format_still_resumes(tmp_path: Path) -> None:
+    """Earlier versions stored NumPy's RNG state as its legacy tuple with an array: plain data, allowed."""
+    checkpoint.seed_everything(7)
+    legacy = checkpoint.rng_state() | {"numpy": np.random.get_state()}
+    torch.save({"rng": legacy}, tmp_path / "old.pt")
+    first = np.random.rand(4)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "old.pt")["rng"])
+    assert np.array_equal(np.random.rand(4), first)
