@@ -4,14 +4,14 @@ import hydra
 from omegaconf import DictConfig
 
 from vitexp.config import register_schemas
-from vitexp.engine import main as run_main
+from vitexp.run import main as run_main
 
 register_schemas()
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the test accuracy so sweepers can read it."""
+    """Hydra entry point; returns the best validation accuracy, the objective an optimizing sweeper may read."""
     return run_main(cfg)
 
 

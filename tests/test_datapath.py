@@ -13,11 +13,11 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from tests.conftest import TINY
-from vitexp import checkpoint, data, engine
+from vitexp import checkpoint, data, run
 from vitexp.config import DataConfig
 from vitexp.data import build_splits
-from vitexp.engine import RunIdentity
 from vitexp.models import count_parameters
+from vitexp.run import RunIdentity
 
 
 def pets_cfg(root: Path, **overrides) -> DataConfig:
@@ -168,7 +168,7 @@ def test_cifar10_preset_trains_through_the_policy_dataloader(make_cfg, cifar_roo
         "trainer.epochs=1",
         "logger=none",
     )
-    results = engine.run(cfg, tmp_path / "run", RunIdentity({"model": "vit", "data": "cifar10"}))
+    results = run.run(cfg, tmp_path / "run", RunIdentity({"model": "vit", "data": "cifar10"}))
     assert results["test"]["acc"] >= 0.0 and results["params"] > 0
     assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] == 3
 
@@ -176,7 +176,7 @@ def test_cifar10_preset_trains_through_the_policy_dataloader(make_cfg, cifar_roo
 def test_device_batches_and_dataloader_batches_train_identically(make_cfg, tmp_path: Path) -> None:
     overrides = [*TINY, "data=digits", "trainer.epochs=1", "data.batch_size=128", "aug=cutmix", "model.dropout=0.1"]
     for mode in ("true", "false"):
-        engine.run(make_cfg(*overrides, f"data.on_device={mode}"), tmp_path / mode, RunIdentity({}))
+        run.run(make_cfg(*overrides, f"data.on_device={mode}"), tmp_path / mode, RunIdentity({}))
     resident, loader = (checkpoint.load(tmp_path / m / "last.pt")["model"] for m in ("true", "false"))
     for key, value in resident.items():
         assert torch.equal(value, loader[key]), key

@@ -13,10 +13,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tests.conftest import TINY, run_train
-from vitexp import checkpoint, engine
-from vitexp.engine import DATA_WAIT_WARNING, NonFiniteLossError, RunConflictError, RunIdentity, Trainer
+from vitexp import checkpoint, run
+from vitexp.engine import DATA_WAIT_WARNING, NonFiniteError, Trainer
 from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
+from vitexp.run import RunIdentity
+from vitexp.rundir import RunConflictError
 
 IDENTITY = RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
 BASE = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128"]
@@ -65,7 +67,7 @@ def test_pets_tree_with_some_breeds_trains_and_tests_on_37_classes(pets_root: Pa
 
 
 def fit(make_cfg, run_dir: Path, *overrides: str) -> dict:
-    return engine.run(make_cfg(*BASE, *(overrides or RANDOM)), run_dir, IDENTITY)
+    return run.run(make_cfg(*BASE, *(overrides or RANDOM)), run_dir, IDENTITY)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -170,9 +172,75 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(make_cfg, tmp_path: Path
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "some").values())
 
     monkeypatch.setattr(VisionTransformer, "forward", lambda self, images: forward(self, images) * float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite for \d+ consecutive steps \(trainer.max_nonfinite=3\)"):
+    with pytest.raises(NonFiniteError, match=r"non-finite for \d+ consecutive steps \(trainer.max_nonfinite=3\)"):
         fit(make_cfg, tmp_path / "all", *RANDOM, "trainer.max_nonfinite=3")
     assert not (tmp_path / "all" / "last.pt").exists() and not (tmp_path / "all" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("clip", ["trainer.clip_grad_norm=1", "trainer.clip_grad_norm=0"])
+def test_nonfinite_gradients_skip_the_step_although_the_loss_is_finite(
+    make_cfg, tmp_path: Path, monkeypatch, clip: str
+) -> None:
+    forward = VisionTransformer.forward
+    calls = {"n": 0}
+
+    def nan_gradients_sometimes(self, images):
+        calls["n"] += self.training
+        logits = forward(self, images)
+        if self.training and calls["n"] % 4 == 0:
+            logits.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite, its gradients do not
+        return logits
+
+    monkeypatch.setattr(VisionTransformer, "forward", nan_gradients_sometimes)
+    results = fit(make_cfg, tmp_path / "run", *RANDOM, clip, "trainer.max_nonfinite=2")
+    assert results["nonfinite_steps"] == 5
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+def test_weights_that_turn_nonfinite_are_never_saved_and_fail_the_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    original_step = Trainer.optimizer_step
+
+    def corrupt_in_epoch_2(self: Trainer, finite) -> None:
+        original_step(self, finite)
+        if self.progress.step == 15:  # e.g. a weight decay step that overflowed
+            with torch.no_grad():
+                self.model.head.bias[0] = float("inf")
+
+    monkeypatch.setattr(Trainer, "optimizer_step", corrupt_in_epoch_2)
+    with pytest.raises(NonFiniteError, match=r"weights became non-finite by step 20 \(head.bias\); last.pt was not"):
+        fit(make_cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    assert checkpoint.load(run_dir / "last.pt")["progress"]["epoch"] == 1  # the last good checkpoint stays
+    for name in ("last.pt", "best.pt"):
+        assert all(torch.isfinite(w).all() for w in checkpoint.load(run_dir / name)["model"].values())
+    assert not (run_dir / "results.json").exists()
+
+
+def test_diverging_run_fails_without_nonfinite_checkpoints_or_results(tmp_path: Path) -> None:
+    """`optim.lr=1000` on digits: the default model diverges within its first epoch; the run fails cleanly."""
+    run_dir = tmp_path / "run"
+    result = run_train("data=digits", "logger=none", "optim.lr=1000", "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: loss or gradients were non-finite for" in result.stderr and "Traceback" not in result.stderr
+    assert not (run_dir / "results.json").exists()
+    for path in run_dir.glob("*.pt"):
+        assert all(torch.isfinite(w).all() for w in checkpoint.load(path)["model"].values()), path
+
+
+def test_evaluation_records_no_autograd_history(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Validation and test keep no activations for backward: they would multiply the memory a run needs."""
+    forward = VisionTransformer.forward
+    eval_outputs: list[bool] = []
+
+    def recording(self, images):
+        logits = forward(self, images)
+        if not self.training:
+            eval_outputs.append(logits.requires_grad or torch.is_grad_enabled())
+        return logits
+
+    monkeypatch.setattr(VisionTransformer, "forward", recording)
+    fit(make_cfg, tmp_path / "run")
+    assert len(eval_outputs) == 2 * 1 + 2 and not any(eval_outputs)  # val once per epoch, test twice (2 batches)
 
 
 def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -> None:
@@ -186,8 +254,8 @@ def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -
     ]
     fit(make_cfg, tmp_path / "big", *deterministic, "data.batch_size=128")
     fit(make_cfg, tmp_path / "accumulated", *deterministic, "data.batch_size=64", "trainer.accumulate=2")
-    for run in ("big", "accumulated"):
-        assert checkpoint.load(tmp_path / run / "last.pt")["progress"]["step"] == 10
+    for name in ("big", "accumulated"):
+        assert checkpoint.load(tmp_path / name / "last.pt")["progress"]["step"] == 10
     big, accumulated = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
     for key in big:  # the same samples per step, so the same updates up to float summation order
         torch.testing.assert_close(accumulated[key], big[key], atol=2e-5, rtol=1e-4)

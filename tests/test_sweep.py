@@ -38,6 +38,18 @@ def test_named_sweep_combines_with_shell_overrides(tmp_path: Path) -> None:
     assert "32 jobs" in result.stdout
     assert "aug=cutmix smoothing=0.2" in result.stdout and "seed=1" in result.stdout
     assert not list((tmp_path / "sweep").glob("*/")), "a dry run launches nothing"
+    warning = "warning: sched.warmup_epochs=5 >= trainer.epochs=2: the learning rate never reaches optim.lr"
+    assert result.stderr.count(warning) == 1  # once for the grid, not once per job
+
+
+def test_a_sweep_over_a_key_no_schema_has_launches_nothing(tmp_path: Path) -> None:
+    result = sweep(tmp_path / "sweep", "+trainer.epoch=3,4")  # 2 jobs that would be identical
+    assert result.returncode == 2
+    assert "nothing was launched" in result.stderr
+    assert "job #1 (+trainer.epoch=4): unknown config key, nothing would read it: trainer.epoch (did you mean" in (
+        result.stderr
+    )
+    assert not [p for p in (tmp_path / "sweep").glob("*") if p.is_dir()]
 
 
 def test_submitit_local_launcher(tmp_path: Path) -> None:

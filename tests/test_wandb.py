@@ -12,8 +12,8 @@ import wandb
 
 from tests.conftest import TINY, run_train
 from tests.wandb_offline import offline_runs, read_offline_run
-from vitexp import engine
-from vitexp.engine import NonFiniteLossError
+from vitexp import engine, run
+from vitexp.engine import NonFiniteError
 from vitexp.models import VisionTransformer
 
 RUN = [
@@ -68,6 +68,26 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path: Pat
     assert run["exit_code"] == 0 and len(run["history"]) == 2
 
 
+def test_secrets_in_the_environment_reach_no_file_a_run_writes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    secrets = {
+        "WANDB_API_KEY": "local-" + "5ec7e7" * 8,
+        "HF_TOKEN": "hf_tokenvalue0123456789",
+        "MY_SERVICE_KEY": "service-key-9f8e7d6c5b4a",
+    }
+    env = secrets | {"WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"}  # tries online, then goes offline
+    result = run_train(*RUN, "trainer.epochs=1", f"hydra.run.dir={run_dir}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in written) and (run_dir / "results.json") in written
+    for path in written:
+        content = path.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in content, f"{name} leaked into {path}"
+    for name, value in secrets.items():
+        assert value not in result.stdout + result.stderr, f"{name} leaked into the log"
+
+
 def test_missing_api_key_goes_offline_without_trying(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(*RUN, f"hydra.run.dir={run_dir}")
@@ -87,11 +107,11 @@ def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
     make_cfg, tmp_path: Path, monkeypatch, fresh_wandb
 ) -> None:
     cfg = make_cfg(*RUN, "logger.mode=offline")
-    choices = engine.RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
+    choices = run.RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
     forward = VisionTransformer.forward
     monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: forward(self, x) * torch.nan)
-    with pytest.raises(NonFiniteLossError):
-        engine.run(make_cfg(*RUN, "logger.mode=offline", "trainer.max_nonfinite=1"), tmp_path / "failed", choices)
+    with pytest.raises(NonFiniteError):
+        run.run(make_cfg(*RUN, "logger.mode=offline", "trainer.max_nonfinite=1"), tmp_path / "failed", choices)
     assert read_offline_run(offline_runs(tmp_path / "failed")[0])["exit_code"] == 1
     monkeypatch.undo()
 
@@ -104,8 +124,8 @@ def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
             stop_once["done"] = self.stop_requested = True
 
     monkeypatch.setattr(engine.Trainer, "optimizer_step", stop_after_two_steps)
-    assert engine.run(cfg, tmp_path / "run", choices) == {}
-    engine.run(cfg, tmp_path / "run", choices)
+    assert run.run(cfg, tmp_path / "run", choices) == {}
+    run.run(cfg, tmp_path / "run", choices)
     first, second = (read_offline_run(folder) for folder in offline_runs(tmp_path / "run"))
     assert first["run_id"] == second["run_id"] == (tmp_path / "run" / "wandb_id").read_text().strip()
     assert [row["epoch"] for row in first["history"] + second["history"]] == [1, 2]

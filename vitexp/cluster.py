@@ -1,9 +1,10 @@
-"""Preemption on SLURM: turn the warning signal into a checkpoint at the next step, then requeue.
+"""Stop signals: SLURM's warning signal (USR2) or a SIGTERM becomes a checkpoint at the next step.
 
 SLURM (through submitit's `--signal=USR2@N`, or `scancel --signal=USR2` on preemption) sends USR2
-before it kills a job. submitit's own handler would requeue at once, mid-step; instead the signal only
-asks the trainer to stop at the next step boundary, and once `last.pt` is written the requeue is
-handed back to submitit (which re-runs the same job, in the same directory, from that checkpoint).
+before it kills a job; `kill` and `scancel` send SIGTERM. Neither ends the run mid-step: the signal only
+asks the trainer to stop at the next step boundary. Once `last.pt` is written, a submitit job hands the
+requeue back to submitit (which re-runs the same job, in the same directory, from that checkpoint), and
+anything else ends with exit status `EXIT_STOPPED` and says how to resume.
 """
 
 from __future__ import annotations
@@ -11,49 +12,60 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger("vitexp")
 
 PREEMPT_SIGNAL = signal.SIGUSR2
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped with a checkpoint, running the same command again resumes
 
 
-class PreemptionHandler:
-    """Installed for the duration of a run: `requested` turns true when USR2 arrives."""
+class StopSignals:
+    """While active, USR2 and SIGTERM set `requested` instead of ending the process.
+
+    Scopes nest: a sweep whose jobs run in its own process holds one for the whole sweep, and each job
+    one of its own; a signal marks every active scope, and a scope opened after a signal inherits it,
+    so the jobs after a stopped one do not start.
+    """
+
+    _active: ClassVar[list[StopSignals]] = []
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
+        self.requested: signal.Signals | None = None
+        self.previous: dict[signal.Signals, Any] = {}
 
-    def __enter__(self) -> PreemptionHandler:
-        self.previous = signal.signal(PREEMPT_SIGNAL, self._handle)
+    def __enter__(self) -> StopSignals:
+        if StopSignals._active:
+            self.requested = StopSignals._active[-1].requested
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        StopSignals._active.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(PREEMPT_SIGNAL, self.previous)
+        StopSignals._active.remove(self)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        log.warning("received %s: checkpointing at the next step, then requeueing", signal.Signals(signum).name)
-        self.requested = True
+        name = signal.Signals(signum).name
+        log.warning("received %s: checkpointing at the next step, then %s", name, self.after_stop(signum))
+        for scope in StopSignals._active:
+            scope.requested = scope.requested or signal.Signals(signum)
+
+    def after_stop(self, signum: int) -> str:
+        return "requeueing" if self.hands_to_submitit(signum) else "stopping"
+
+    def hands_to_submitit(self, signum: int) -> bool:
+        """Whether this is a submitit job whose own USR2 handler requeues it (a checkpointable job)."""
+        return signum == PREEMPT_SIGNAL and bool(os.environ.get("SUBMITIT_EXECUTOR")) and callable(self.submitit)
+
+    @property
+    def submitit(self) -> Any:
+        return self.previous.get(PREEMPT_SIGNAL)
 
     def requeue(self) -> None:
-        """Requeue this job after its checkpoint is written, then end the process."""
-        if callable(self.previous):  # submitit's handler: pickles the job again, `scontrol requeue`, exits
-            self.previous(PREEMPT_SIGNAL, None)
-        job_id = slurm_job_id()
-        if job_id:
-            subprocess.run(["scontrol", "requeue", job_id], check=True)
-            log.info("requeued SLURM job %s", job_id)
-        else:
-            log.info("stopped; run the same command again to resume")
-        sys.exit(0)
-
-
-def slurm_job_id() -> str | None:
-    """The id `scontrol requeue` needs: the array task's own id for an array job."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
+        """Hand the requeue to submitit's handler: it pickles the job again, requeues it and exits."""
+        self.submitit(PREEMPT_SIGNAL, None)

@@ -1,13 +1,13 @@
-"""The training run: build data, augmentation, model and optimizer from the config, train, test, save.
+"""The training loop: build data, augmentation, model and optimizer from the config, train, test, save.
 
-A plain PyTorch loop. Checkpoints (`last.pt` every epoch, `best.pt` on validation accuracy) hold every
-piece of state, so a run started again in the same directory continues exactly where it stopped.
+A plain PyTorch loop. `last.pt` (every epoch, and at a stop request) holds every piece of training state,
+so a run started again in the same directory continues exactly where it stopped; `best.pt` holds the
+weights of the best validation epoch, which the test runs on. No checkpoint ever holds non-finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -19,32 +19,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from vitexp import checkpoint
 from vitexp.augment import BatchAugment
-from vitexp.cluster import PreemptionHandler
-from vitexp.config import Config, ConfigError, DataConfig, config_diff, config_hash, semantic_config, validate
+from vitexp.cluster import StopSignals
+from vitexp.config import Config, ConfigError, DataConfig, config_hash
 from vitexp.data import DeviceData, EpochOrder, PolicyImages, SampleSeeds, Splits, build_splits, make_loader
-from vitexp.logger import RESULTS_FILE, RunLogger, read_jsonl, write_json
+from vitexp.logger import METRICS_FILE, RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import DataWait, EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters, param_groups
-from vitexp.sweep import FAILED_FILE, LOCK_FILE, sweep_group
 
 log = logging.getLogger("vitexp")
 
-GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many non-finite steps in a row, or non-finite weights or metrics.
+
+    Raised before anything non-finite reaches a checkpoint or results.json.
+    """
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the run stops before any NaN weight is saved."""
-
-
-class RunConflictError(RuntimeError):
-    """The run directory holds work of a different config; refusing to mix them."""
+class StoppedError(RuntimeError):
+    """A stop signal ended training after `last.pt` was written; running again resumes."""
 
 
 @dataclass
@@ -58,6 +56,12 @@ class Progress:
     best_epoch: int = -1
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
+    # Time spent by all invocations up to this checkpoint, so a resumed run reports the whole run.
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0  # in training steps, of which `epoch_seconds` in the unfinished epoch
+    train_images: int = 0
+    epoch_seconds: float = 0.0
+    epoch_wait_seconds: float = 0.0
 
 
 SPLITS = ("train", "val", "test")
@@ -117,7 +121,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 class Trainer:
-    """One run in one directory: `fit()` trains (resuming if `last.pt` is there), tests and writes results."""
+    """One run in one directory: `fit()` trains (from a checkpoint's state if given), tests, writes results."""
 
     def __init__(
         self,
@@ -125,10 +129,10 @@ class Trainer:
         run_dir: Path,
         config: dict[str, Any],
         choices: dict[str, str],
-        preemption: PreemptionHandler | None = None,
+        stop: StopSignals | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
-        self.preemption = preemption
+        self.stop = stop
         self.hash = config_hash(config)
         self.device = select_device(cfg.trainer.device)
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
@@ -234,21 +238,16 @@ class Trainer:
         self.augment.load_state_dict(state["augment"])
         checkpoint.set_rng_state(state["rng"])
 
-    def check_same_config(self, stored: dict[str, Any], what: Path) -> None:
-        if config_hash(stored) != self.hash:
-            diff = "; ".join(config_diff(semantic_config(stored), semantic_config(self.config))[:5])
-            raise RunConflictError(f"{what} was made with a different config ({diff}); use another run directory")
-
-    def resume(self) -> bool:
-        """Load `last.pt` if present; a corrupt or foreign one is an error, never silently ignored."""
-        if not self.last_path.exists():
-            return False
-        state = checkpoint.load(self.last_path)
-        self.check_same_config(state["config"], self.last_path)
-        self.load_state_dict(state)
-        self.logger.truncate_after(self.progress.epoch)
-        log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
-        return True
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        """Write a checkpoint, unless the weights went non-finite: then the run fails, keeping the last good one."""
+        broken = checkpoint.nonfinite_tensors(state["model"])
+        if broken:
+            raise NonFiniteError(
+                f"the weights became non-finite by step {self.progress.step} "
+                f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
+                f"{path.name} was not written. Try a lower optim.lr, trainer.clip_grad_norm or sched.warmup_epochs"
+            )
+        checkpoint.save(path, state)
 
     # --- training ------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -288,7 +287,7 @@ class Trainer:
             if self.progress.batch % trainer.accumulate == 0:
                 self.optimizer_step(window_finite)
                 window_finite.fill_(True)
-                if self.progress.step % trainer.log_every == 0:  # the only place a step reads the device
+                if self.progress.step % trainer.log_every == 0:  # besides the log line, the only device read
                     self.read_nonfinite()
                 if self.progress.step % trainer.log_every == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{self.train_means.compute()['loss']:.3f}")
@@ -301,25 +300,31 @@ class Trainer:
                         self.train_means.compute()["loss"],
                         self.scheduler.get_last_lr()[0],
                     )
-                stop = self.stop_requested or (self.preemption is not None and self.preemption.requested)
+                stop = self.stop_requested or (self.stop is not None and self.stop.requested is not None)
                 if stop and self.progress.batch < self.order.batches_per_epoch:
                     return False
         return True
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
-        """Apply the accumulated gradients, or skip them if a loss in the window was non-finite.
+        """Apply the accumulated gradients, or skip them if a loss in the window or a gradient was non-finite.
 
         The skip happens on the device (the fused optimizer's `found_inf`, or the GradScaler's own check in
         fp16), so no step waits for the GPU; the counters are read every `log_every` steps by `read_nonfinite`.
+        In fp16 an overflowing gradient is the GradScaler's business (it backs off its scale), so only a
+        non-finite loss counts there.
         """
         trainer = self.cfg.trainer
+        if trainer.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if not self.scaler.is_enabled():
+            finite = finite & torch.isfinite(norm)
         total, streak, longest = self.nonfinite.unbind()
         total.add_(~finite)
         streak.copy_(torch.where(finite, 0, streak + 1))
         longest.copy_(torch.maximum(longest, streak))
-        if trainer.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # non-finite gradients: skipped, and the loss scale backs off
             self.scaler.update()
@@ -335,20 +340,19 @@ class Trainer:
         total, streak, longest = self.nonfinite.tolist()
         if total > self.progress.nonfinite_total:
             log.warning(
-                "non-finite loss in %d steps by step %d: those steps were skipped (%d in a row now)",
+                "non-finite loss or gradients in %d steps by step %d: those steps were skipped (%d in a row now)",
                 total - self.progress.nonfinite_total,
                 self.progress.step,
                 streak,
             )
         self.progress.nonfinite_total, self.progress.nonfinite_streak = total, streak
         if longest >= self.cfg.trainer.max_nonfinite:
-            raise NonFiniteLossError(
-                f"loss was non-finite for {longest} consecutive steps "
+            raise NonFiniteError(
+                f"loss or gradients were non-finite for {longest} consecutive steps "
                 f"(trainer.max_nonfinite={self.cfg.trainer.max_nonfinite}); stopping without saving NaN weights. "
                 "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
             )
 
-    @torch.inference_mode()
     def batches(self, split: str, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """A split's batches: the rest of `epoch` in its seeded order for train, storage order otherwise."""
         if split == "train":
@@ -359,7 +363,9 @@ class Trainer:
             return self.device_data[split].batches(size, indices)
         return self.loaders[split]
 
+    @torch.inference_mode()
     def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current weights on a split; no autograd history, so no activations are kept."""
         self.model.eval()
         meter = EvalMeter(self.num_classes, self.device)
         for images, labels in self.batches(split):
@@ -374,11 +380,12 @@ class Trainer:
 
     def save_last(self) -> None:
         self.read_nonfinite()
-        checkpoint.save(self.last_path, self.state_dict())
+        self.progress.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        self.save(self.last_path, self.state_dict())
 
-    def fit(self, logger: RunLogger) -> dict[str, Any]:
+    def fit(self, logger: RunLogger, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train from `state` (a `last.pt`) or from scratch, then test; {} when a stop request ended it early."""
         self.logger = logger
-        started = time.perf_counter()
         log.info(
             "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s",
             self.choices.get("model", self.cfg.model.name),
@@ -389,21 +396,21 @@ class Trainer:
             self.device,
             str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
         )
-        self.resume()
-        train_time = train_images = 0.0
-        epoch_times = []
+        if state is not None:
+            self.load_state_dict(state)
+            log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
+        logger.truncate_after(self.progress.epoch)  # rows of epochs no checkpoint covers are trained again
+        self.started, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
-            epoch_start, start_batch = time.perf_counter(), self.progress.batch
+            start, start_batch = time.perf_counter(), self.progress.batch
             self.data_wait = DataWait()
-            if not self.train_epoch(epoch):
+            completed = self.train_epoch(epoch)
+            self.count_time(time.perf_counter() - start, self.progress.batch - start_batch)
+            if not completed:
                 self.save_last()
                 log.info("stopped at epoch %d batch %d; checkpoint saved", epoch + 1, self.progress.batch)
                 return {}
-            seconds = time.perf_counter() - epoch_start
-            train_time += seconds
-            train_images += (self.progress.batch - start_batch) * self.cfg.data.batch_size
-            epoch_times.append(seconds)
-            row = self.end_epoch(epoch, seconds)
+            row = self.end_epoch(epoch)
             logger.log_epoch(row)
             self.save_last()
             log.info(
@@ -414,25 +421,33 @@ class Trainer:
                 row["train/acc"],
                 row["val/loss"],
                 row["val/acc"],
-                seconds,
+                row["epoch_time_s"],
             )
-        return self.finish(logger, time.perf_counter() - started, train_images / max(train_time, 1e-9), epoch_times)
+        return self.finish(logger)
 
-    def end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+    def count_time(self, seconds: float, batches: int) -> None:
+        """Add this invocation's training time to the run's totals (kept in checkpoints across resumes)."""
+        progress = self.progress
+        progress.epoch_seconds += seconds
+        progress.epoch_wait_seconds += self.data_wait.seconds
+        progress.train_seconds += seconds
+        progress.train_images += batches * self.cfg.data.batch_size
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
         self.read_nonfinite()  # before best.pt can be written
         train = self.train_means.compute()
         val = self.evaluate("val")
         self.train_means.reset()
+        seconds, waited = self.progress.epoch_seconds, self.progress.epoch_wait_seconds
         self.progress.epoch, self.progress.batch = epoch + 1, 0
-        if val["acc"] > self.progress.best_acc:
+        self.progress.epoch_seconds = self.progress.epoch_wait_seconds = 0.0
+        if val["acc"] > self.progress.best_acc and all(math.isfinite(v) for v in val.values()):
             self.progress.best_acc, self.progress.best_epoch = val["acc"], epoch + 1
-            checkpoint.save(
-                self.best_path,
-                {"model": self.model.state_dict(), "epoch": epoch + 1, "val": val, "config": self.config},
-            )
+            state = {"model": self.model.state_dict(), "epoch": epoch + 1, "val": val, "config": self.config}
+            self.save(self.best_path, state)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress.step, "lr": self.scheduler.get_last_lr()[0]}
         row |= {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
-        data_wait = self.data_wait.seconds / max(seconds, 1e-9)
+        data_wait = waited / max(seconds, 1e-9)
         row |= {"epoch_time_s": seconds, "data_wait": data_wait, "nonfinite_steps": self.progress.nonfinite_total}
         if data_wait > DATA_WAIT_WARNING and not self.resident:
             log.warning(
@@ -443,26 +458,34 @@ class Trainer:
             )
         return row
 
-    def finish(self, logger: RunLogger, wall: float, img_per_s: float, epoch_times: list[float]) -> dict[str, Any]:
+    def finish(self, logger: RunLogger) -> dict[str, Any]:
+        """Test the best epoch's weights and write results.json, which marks the run finished."""
+        if self.progress.best_epoch < 1:
+            raise NonFiniteError("no epoch had finite validation metrics; there are no weights to test")
         best = checkpoint.load(self.best_path)
         self.model.load_state_dict(best["model"])
         test = self.evaluate("test")
-        rows = read_jsonl(logger.metrics_path)
+        broken = [key for key, value in test.items() if not math.isfinite(value)]
+        if broken:
+            raise NonFiniteError(f"test metrics of best epoch ({best['epoch']}) are not finite: {', '.join(broken)}")
+        rows = read_jsonl(self.run_dir / METRICS_FILE)
+        progress = self.progress
         results = {
             "test": test,
             "best_epoch": best["epoch"],
             "best_val": best["val"],
             "params": self.params,
             "epochs": self.cfg.trainer.epochs,
-            "wall_time_s": wall,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "epoch_time_s": mean_of(rows, "epoch_time_s"),
             "data_wait": mean_of(rows, "data_wait"),
-            "train_img_per_s": img_per_s if epoch_times else None,
-            "nonfinite_steps": self.progress.nonfinite_total,
+            "train_img_per_s": progress.train_images / progress.train_seconds if progress.train_seconds else None,
+            "nonfinite_steps": progress.nonfinite_total,
             "choices": self.choices,
             "smoothing": self.cfg.smoothing,
             "seed": self.cfg.seed,
             "device": str(self.device),
+            "config": self.config,
             "config_hash": self.hash,
         }
         write_json(self.run_dir / RESULTS_FILE, results)
@@ -483,119 +506,3 @@ def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     """The mean of `key` over the epoch rows that have it (a run resumed across versions may lack it)."""
     values = [row[key] for row in rows if key in row]
     return sum(values) / len(values) if values else None
-
-
-def finished_results(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The results of a finished run in `run_dir` with this config; refuse one with another config."""
-    path = run_dir / RESULTS_FILE
-    if not path.exists():
-        return None
-    results = json.loads(path.read_text())
-    if results.get("config_hash") != config_hash(config):
-        raise RunConflictError(f"{run_dir} already holds a finished run of a different config; use another directory")
-    return results
-
-
-@dataclass
-class RunIdentity:
-    """How a run is named in W&B: the job's overrides, the sweep's group, the model as job type."""
-
-    choices: dict[str, str]
-    name: str = ""
-    group: str | None = None
-
-
-def run(cfg: DictConfig, run_dir: Path, identity: RunIdentity, preemption: PreemptionHandler | None = None) -> dict:
-    """Validate, then train and test in `run_dir`; a finished run there is returned, not redone.
-
-    Returns the results, or {} when a preemption signal stopped it after a checkpoint.
-    """
-    typed = validate(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = FileLock(str(run_dir / LOCK_FILE), timeout=0)
-        lock.acquire()
-    except Timeout:
-        raise RunConflictError(f"{run_dir} is in use by another running job; refusing to write into it") from None
-    try:
-        done = finished_results(run_dir, config)
-        if done is not None:
-            log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
-            return done
-        (run_dir / FAILED_FILE).unlink(missing_ok=True)
-        return _train(typed, run_dir, config, identity, preemption)
-    finally:
-        lock.release()
-
-
-def _train(
-    typed: Config, run_dir: Path, config: dict[str, Any], identity: RunIdentity, preemption: PreemptionHandler | None
-) -> dict[str, Any]:
-    choices = identity.choices
-    trainer = Trainer(typed, run_dir, config, choices, preemption)
-    wandb_config = config | {f"{group}_config": config[group] for group in ("model", "aug", "data")}
-    wandb_config |= {group: choices.get(group, config[group]["name"]) for group in ("model", "aug", "data")}
-    wandb_config["params"] = trainer.params
-    name = identity.name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
-    logger_cfg = typed.logger
-    if logger_cfg.group is None and identity.group:
-        logger_cfg.group = identity.group
-    logger = RunLogger(logger_cfg, run_dir, wandb_config, name=name, job_type=choices.get("model", typed.model.name))
-    try:
-        results = trainer.fit(logger)
-    except BaseException:
-        logger.finish(exit_code=1)
-        raise
-    logger.finish(exit_code=0)
-    return results
-
-
-def identity_from_hydra() -> RunIdentity:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS if group in hydra_cfg.runtime.choices}
-    name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("+sweep=", "sweep=", "logger")))
-    group = None
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # all jobs of a sweep share one W&B group
-        group = sweep_group(hydra_cfg, Path(hydra_cfg.sweep.dir))
-    return RunIdentity(choices, name, group)
-
-
-def main(cfg: DictConfig) -> float:
-    """Hydra task: one run in Hydra's output directory; returns the test accuracy.
-
-    A single run ends a config error with one line and exit status 2. A sweep job records any error in
-    `failed.json` and returns, so the other jobs run and the sweep's end lists every failure.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    with PreemptionHandler() as preemption:
-        try:
-            results = run(cfg, run_dir, identity_from_hydra(), preemption)
-        except (ConfigError, RunConflictError) as err:
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                return record_failure(run_dir, err)
-            log.error("%s", err)
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except Exception as err:
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                log.exception("job failed")
-                return record_failure(run_dir, err)
-            raise
-        if not results:
-            preemption.requeue()
-    return float(results["test"]["acc"])
-
-
-def record_failure(run_dir: Path, err: BaseException) -> float:
-    message = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-    write_json(run_dir / FAILED_FILE, {"error": message})
-    return float("nan")

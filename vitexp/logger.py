@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from vitexp.checkpoint import atomic_write
 from vitexp.config import LoggerConfig
 
@@ -24,9 +26,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file. A cut-short last line (a process killed mid-write) is dropped with a
+    warning; an unreadable line before it is an error naming the file and the line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not JSON ({err.msg}): {line[:80]!r}") from None
+            log.warning("%s: dropping its last line, cut short by an interrupted write: %r", path, line[:80])
+    return rows
 
 
 class RunLogger:
@@ -101,6 +116,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
+    """The W&B group of a sweep: its name(s) and start time, e.g. `aug_smoothing-2026-11-23-12-00-00`."""
+    name = str(hydra_cfg.runtime.choices.get("sweep") or "sweep").strip("[]").replace(",", "+").replace(" ", "")
+    return f"{name}-{'-'.join(sweep_dir.parts[-2:])}"
 
 
 def has_wandb_credentials() -> bool:

@@ -117,8 +117,7 @@ class Report:
         import wandb
 
         from vitexp.config import LoggerConfig
-        from vitexp.logger import RunLogger
-        from vitexp.sweep import sweep_group
+        from vitexp.logger import RunLogger, sweep_group
 
         logger_cfg = OmegaConf.to_object(config.logger)
         assert isinstance(logger_cfg, LoggerConfig)
@@ -228,7 +227,8 @@ def plot(cells: list[Cell], out_dir: Path) -> list[Path]:
             mean = [statistics.fmean(curve[i] for curve in c.curves) for i in range(length)]
             ax.plot(range(1, length + 1), mean, label=f"{c.model} {c.aug} ε={c.smoothing:g} {c.other}".strip())
     ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per cell (mean over seeds)")
-    ax.legend(fontsize=6, ncol=2)
+    if ax.lines:  # no cell has finished yet: nothing to label
+        ax.legend(fontsize=6, ncol=2)
     paths.append(_save(fig, out_dir / "val_curves.png"))
     return paths
 

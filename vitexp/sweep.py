@@ -19,12 +19,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.cluster import EXIT_STOPPED, StopSignals
 from vitexp.config import config_diff, config_hash, semantic_config, validate
+from vitexp.rundir import FAILED_FILE, HYDRA_DIR, LOCK_FILE
 
 log = logging.getLogger("vitexp")
-
-FAILED_FILE = "failed.json"
-LOCK_FILE = ".run.lock"
 
 
 @dataclass
@@ -55,12 +54,6 @@ def varying_keys(jobs: list[Job]) -> set[str]:
     return {key for key in keys if len({v.get(key) for v in values}) > 1}
 
 
-def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
-    """The W&B group of a sweep: its name(s) and start time, e.g. `aug_smoothing-2026-11-23-12-00-00`."""
-    name = str(hydra_cfg.runtime.choices.get("sweep") or "sweep").strip("[]").replace(",", "+").replace(" ", "")
-    return f"{name}-{'-'.join(sweep_dir.parts[-2:])}"
-
-
 def job_state(job: Job) -> str:
     """done, failed, running, started (a checkpoint, no process) or new."""
     if (job.directory / "results.json").exists():
@@ -76,17 +69,21 @@ def job_state(job: Job) -> str:
     return "started" if (job.directory / "last.pt").exists() else "new"
 
 
-def check_jobs(jobs: list[Job]) -> list[str]:
-    """Compose and validate every job's config; also refuse job directories holding another config."""
+def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
+    """Compose and validate every job's config; also refuse job directories holding another config.
+
+    Returns the problems (any one stops the launch) and the distinct warnings of the jobs' configs.
+    """
     from hydra import compose
 
-    problems = []
+    problems: list[str] = []
+    warnings: dict[str, None] = {}  # ordered, without repeats
     varying = varying_keys(jobs)
     for job in jobs:
         shown = " ".join(job.varying(varying))
         try:
             cfg = compose(config_name="config", overrides=job.overrides)
-            validate(cfg)
+            warnings |= dict.fromkeys(validate(cfg).warnings())
         except Exception as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             problems.append(f"job #{job.number} ({shown}): {message}")
@@ -94,14 +91,14 @@ def check_jobs(jobs: list[Job]) -> list[str]:
         state = job_state(job)
         if state == "running":
             problems.append(f"job #{job.number}: {job.directory} is in use by a running job")
-        previous = job.directory / ".hydra" / "config.yaml"  # written by Hydra when that job started
+        previous = job.directory / HYDRA_DIR / "config.yaml"  # written when that job started
         if previous.exists():
             old, new = (OmegaConf.to_container(c, resolve=True) for c in (OmegaConf.load(previous), cfg))
             assert isinstance(old, dict) and isinstance(new, dict)
             if config_hash(old) != config_hash(new):
                 diff = "; ".join(config_diff(semantic_config(old), semantic_config(new))[:3])
                 problems.append(f"job #{job.number}: {job.directory} holds a run of another config ({diff})")
-    return problems
+    return problems, list(warnings)
 
 
 def print_jobs(jobs: list[Job]) -> None:
@@ -111,20 +108,35 @@ def print_jobs(jobs: list[Job]) -> None:
         print(f"{job.number:>4}  {job_state(job):8}  {job.directory!s:40}  {' '.join(job.overrides)}")
 
 
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 class SweepCallback(Callback):
-    """Validate the grid before launch (`dry_run=true` only prints it); report and list failures after."""
+    """Validate the grid before launch (`dry_run=true` only prints it); report and list failures after.
+
+    When the jobs run in this process (Hydra's basic launcher), USR2 or SIGTERM stops the sweep cleanly:
+    the running job checkpoints, the jobs after it do not start, and the report of what exists is written
+    before the sweep exits with `EXIT_STOPPED`.
+    """
+
+    def __init__(self) -> None:
+        self.stop: StopSignals | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         jobs = expand_jobs(config.hydra, Path(config.hydra.sweep.dir))
-        problems = check_jobs(jobs)
+        problems, warnings = check_jobs(jobs)
         if problems:
             print("error: nothing was launched; fix these jobs first:", file=sys.stderr)
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             sys.exit(2)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if config.get("dry_run"):
             print_jobs(jobs)
             sys.exit(0)
+        if config.hydra.launcher.get("_target_") == IN_PROCESS_LAUNCHER:
+            self.stop = StopSignals().__enter__()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from vitexp.report import sweep_defaults, write_report
@@ -135,12 +147,21 @@ class SweepCallback(Callback):
         log.info("sweep report: %s", report.markdown)
         if config.logger.name == "wandb":
             report.log_to_wandb(config)
+        stopped_by = self.stop.requested if self.stop is not None else None
+        if self.stop is not None:
+            self.stop.__exit__()
         failed = [job for job in jobs if job_state(job) != "done"]
         if failed:
             varying = varying_keys(jobs)
             print(f"{len(failed)} of {len(jobs)} jobs did not finish:", file=sys.stderr)
             for job in failed:
                 print(f"  #{job.number} {' '.join(job.varying(varying))}: {failure_line(job)}", file=sys.stderr)
+        if stopped_by is not None:
+            print(
+                f"the sweep was stopped by {stopped_by.name}: run the same command again to resume it", file=sys.stderr
+            )
+            sys.exit(EXIT_STOPPED)
+        if failed:
             sys.exit(1)
 
 
@@ -148,4 +169,8 @@ def failure_line(job: Job) -> str:
     path = job.directory / FAILED_FILE
     if path.exists():
         return json.loads(path.read_text())["error"]
-    return f"no result ({job_state(job)})"
+    return {
+        "new": "not started",
+        "started": "no result; last.pt holds its progress, a relaunch resumes it",
+        "running": "still running in another process",
+    }.get(job_state(job), f"no result ({job_state(job)})")

@@ -1,0 +1,190 @@
+"""One run from the command line: Hydra's config in; a finished run directory, or one clear error, out.
+
+`main` is the Hydra task. It refuses what must be refused while the run directory is still untouched
+(a bad config, a directory in use or holding another config, checkpoints that cannot be resumed), only
+then records the config and the log there, trains, and turns every outcome into an exit status (a
+single run) or a record in the job's directory (a sweep job), so a sweep always gets to its summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vitexp.checkpoint import CheckpointError
+from vitexp.cluster import EXIT_STOPPED, StopSignals
+from vitexp.config import Config, ConfigError, validate
+from vitexp.data import DataError
+from vitexp.engine import NonFiniteError, Trainer
+from vitexp.logger import RunLogger, sweep_group
+from vitexp.models import PretrainedWeightsError
+from vitexp.rundir import RunConflictError, RunDir
+
+log = logging.getLogger("vitexp")
+
+GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
+EXIT_FAILED, EXIT_USAGE = 1, 2
+USAGE_ERRORS = (ConfigError, RunConflictError)  # the command is wrong: nothing was run
+RUN_ERRORS = (CheckpointError, DataError, NonFiniteError, PretrainedWeightsError)  # explained in one line
+
+
+@dataclass
+class RunIdentity:
+    """How a run is named in W&B: the job's overrides, the sweep's group, the model as job type."""
+
+    choices: dict[str, str]
+    name: str = ""
+    group: str | None = None
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    identity: RunIdentity,
+    stop: StopSignals | None = None,
+    hydra_root: DictConfig | None = None,
+) -> dict[str, Any]:
+    """Validate, then train and test in `run_dir`; a finished run there is returned, not redone.
+
+    `hydra_root` is Hydra's own config, recorded in `.hydra/` beside the run's. Returns the results, or
+    {} when a stop signal ended the run after a checkpoint.
+    """
+    typed = validate(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    directory = RunDir(run_dir)
+    with directory.locked():
+        done = directory.finished(config)
+        if done is not None:
+            log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
+            return done
+        state = directory.resumable(config)
+        directory.record_config(cfg, hydra_root)
+        with directory.logging_to(hydra_root.hydra.job.name if hydra_root is not None else "train"):
+            for warning in typed.warnings():
+                log.warning("%s", warning)
+            directory.clear_failure()
+            return _train(typed, directory, config, identity, stop, state)
+
+
+def _train(
+    typed: Config,
+    directory: RunDir,
+    config: dict[str, Any],
+    identity: RunIdentity,
+    stop: StopSignals | None,
+    state: dict[str, Any] | None,
+) -> dict[str, Any]:
+    choices = identity.choices
+    trainer = Trainer(typed, directory.path, config, choices, stop)
+    wandb_config = config | {f"{group}_config": config[group] for group in ("model", "aug", "data")}
+    wandb_config |= {group: choices.get(group, config[group]["name"]) for group in ("model", "aug", "data")}
+    wandb_config["params"] = trainer.params
+    name = identity.name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
+    logger_cfg = typed.logger
+    if logger_cfg.group is None and identity.group:
+        logger_cfg.group = identity.group
+    logger = RunLogger(
+        logger_cfg, directory.path, wandb_config, name=name, job_type=choices.get("model", typed.model.name)
+    )
+    try:
+        results = trainer.fit(logger, state)
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish(exit_code=0)
+    return results
+
+
+def identity_from_hydra(hydra_cfg: DictConfig) -> RunIdentity:
+    from hydra.types import RunMode
+
+    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS if group in hydra_cfg.runtime.choices}
+    name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("+sweep=", "sweep=", "logger")))
+    group = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # all jobs of a sweep share one W&B group
+        group = sweep_group(hydra_cfg, Path(hydra_cfg.sweep.dir))
+    return RunIdentity(choices, name, group)
+
+
+def check_single_run(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """Refuse sweep-only settings without `-m`: they would silently train one run of the defaults."""
+    if cfg.dry_run:
+        raise ConfigError("dry_run=true lists the jobs of a sweep and launches nothing: add -m")
+    if hydra_cfg.sweeper.get("params"):
+        sweep = hydra_cfg.runtime.choices.get("sweep")
+        source = f"+sweep={sweep}" if sweep else "hydra.sweeper.params"
+        raise ConfigError(f"{source} defines a sweep, but without -m this would train one run: add -m")
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task: one run in Hydra's output directory; returns the best validation accuracy.
+
+    The return value is what an optimizing sweeper maximises, so it must never be a test metric (the
+    test accuracy stays in results.json and the report). A single run ends a usage error with one line
+    and exit status 2, a run failure with status 1 and a stop signal with `EXIT_STOPPED`. A sweep job
+    records any of them in its directory and returns NaN, so the other jobs run and the sweep's end
+    lists every job that did not finish.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_root = HydraConfig.instance().cfg
+    assert hydra_root is not None
+    hydra_cfg = hydra_root.hydra
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    directory = RunDir(Path(hydra_cfg.runtime.output_dir))
+    with StopSignals() as stop:
+        if multirun and stop.requested:
+            log.info("not starting %s: the sweep was stopped by %s", directory.path, stop.requested.name)
+            return math.nan
+        try:
+            if not multirun:
+                check_single_run(cfg, hydra_cfg)
+            results = run(cfg, directory.path, identity_from_hydra(hydra_cfg), stop, hydra_root)
+        except Exception as err:
+            return failed(err, directory, multirun)
+        if not results:
+            return stopped(stop, directory, hydra_cfg, multirun)
+    return float(results["best_val"]["acc"])
+
+
+def failed(err: Exception, directory: RunDir, multirun: bool) -> float:
+    """A sweep job records the error (unless the directory is not its own) and returns NaN; a single run exits."""
+    if not isinstance(err, USAGE_ERRORS + RUN_ERRORS):
+        if not multirun:
+            raise err
+        log.exception("job failed")
+    if multirun:
+        log.error("%s", err)
+        if not isinstance(err, RunConflictError):
+            last_line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            directory.record_failure(f"{type(err).__name__}: {last_line}")
+        return math.nan
+    log.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED)
+
+
+def stopped(stop: StopSignals, directory: RunDir, hydra_cfg: DictConfig, multirun: bool) -> float:
+    """After a stop signal and a written `last.pt`: requeue through submitit, or record how to resume."""
+    assert stop.requested is not None
+    if stop.hands_to_submitit(stop.requested):
+        stop.requeue()
+    message = f"stopped by {stop.requested.name}; {directory.last} holds the progress"
+    if multirun:
+        directory.record_failure(f"{message}: relaunching the sweep resumes it")
+        return math.nan
+    overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
+    command = shlex.join(["python", sys.argv[0], *hydra_cfg.overrides.task, *overrides])
+    resume = f"{command} hydra.run.dir={shlex.quote(str(directory.path))}"
+    log.warning("%s. Resume with: %s", message, resume)
+    print(f"{message}. Resume with:\n  {resume}", file=sys.stderr)
+    sys.exit(EXIT_STOPPED)
