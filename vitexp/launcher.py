@@ -1,0 +1,251 @@
+"""Submitit launchers that never wait forever: a job that dies without a result is reported, not awaited.
+
+hydra-submitit-launcher waits with `job.results()`. A local job whose process is killed (the OOM killer,
+`kill -9`) then raises UncompletedJobError out of the launcher: a traceback, no report. A SLURM job killed on a
+cluster without accounting is never done for submitit (it asks sacct), so the launcher waits forever. These
+launchers submit exactly as the plugin does, then wait themselves: a job is finished when its result pickle is
+there, and lost when its process (local) or its allocation (SLURM: gone from squeue) is gone without one. A lost
+job gets `failed.json` with the reason that can be known and a NaN result, so the sweep ends, `SweepCallback`
+writes the report, lists the job and exits 1, and the same command resumes the job from its `last.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf, open_dict
+
+if TYPE_CHECKING:
+    from submitit import Job
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.5
+# a line of a job's log that says how it ended: srun's "task 0: Killed", slurmstepd's "oom-kill event", ...
+END_LINE = re.compile(r"\boom|out of memory|\bkilled\b|\bcancell?ed\b|node.?fail|segmentation fault", re.I)
+
+
+class WaitingLauncher(plugin.BaseSubmititLauncher):
+    """The plugin's launch, with a wait that ends: `gone` and `lost_reason` say how a job ends without a result."""
+
+    # how long a job must stay gone without a result before it is lost (a shared file system may show the
+    # result pickle late)
+    lost_after_s = 0.0
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        jobs = self.submit_jobs(job_overrides, initial_job_idx)
+        lost = self.wait_for_jobs(jobs, initial_job_idx)
+        returns = []
+        for num, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True), start=initial_job_idx):
+            if job.job_id in lost:
+                returns.append(self.lost_return(list(overrides), num, lost[job.job_id]))
+            else:
+                returns.append(job.results()[0])
+        return returns
+
+    def submit_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Job[Any]]:
+        """Submit as one array: `BaseSubmititLauncher.launch` of hydra-submitit-launcher 1.2.0, without its wait."""
+        import submitit
+
+        assert self.config is not None
+        assert len(job_overrides) > 0
+        init_params = {"folder": self.params["submitit_folder"]}
+        specific_init_keys = {"max_num_timeout"}
+        init_params.update(**{f"{self._EXECUTOR}_{x}": y for x, y in self.params.items() if x in specific_init_keys})
+        init_keys = specific_init_keys | {"submitit_folder"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        params = {
+            x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in self.params.items() if x not in init_keys
+        }
+        executor.update_parameters(**params)
+
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        job_params: list[Any] = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        return executor.map_array(self, *zip(*job_params, strict=True))
+
+    def wait_for_jobs(self, jobs: list[Job[Any]], initial_job_idx: int) -> dict[str, str]:
+        """Poll until every job has a result or is lost; returns {job id: why it is lost}."""
+        numbers = {job.job_id: num for num, job in enumerate(jobs, start=initial_job_idx)}
+        pending = {job.job_id: job for job in jobs}
+        gone_since: dict[str, float] = {}
+        lost: dict[str, str] = {}
+        while pending:
+            for job_id in [job_id for job_id, job in pending.items() if has_result(job)]:
+                del pending[job_id]
+            gone = self.gone(list(pending.values())) if pending else set()
+            now = time.monotonic()
+            for job_id, job in list(pending.items()):
+                if job_id not in gone:
+                    gone_since.pop(job_id, None)
+                elif now - gone_since.setdefault(job_id, now) >= self.lost_after_s and not has_result(job):
+                    lost[job_id] = self.lost_reason(job)
+                    log.warning("job #%d is lost: %s", numbers[job_id], lost[job_id])
+                    del pending[job_id]
+            if pending:
+                time.sleep(POLL_S)
+        return lost
+
+    def gone(self, jobs: list[Job[Any]]) -> set[str]:
+        """Ids of the `jobs` whose process or allocation no longer exists."""
+        raise NotImplementedError
+
+    def lost_reason(self, job: Job[Any]) -> str:
+        """Why `job` ended without a result, as far as can be known, and where its log is."""
+        raise NotImplementedError
+
+    def lost_return(self, overrides: list[str], num: int, reason: str) -> JobReturn:
+        """Record a lost job in its directory (unless it recorded its own end) and return a NaN result."""
+        # imported here: Hydra imports this module whenever it scans for plugins, and these pull in torch
+        from vitexp.logger import RESULTS_FILE, write_json
+        from vitexp.rundir import FAILED_FILE
+
+        assert self.config is not None and self.hydra_context is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.num = num
+        job_dir = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
+        if not (job_dir / RESULTS_FILE).exists() and not (job_dir / FAILED_FILE).exists():
+            write_json(job_dir / FAILED_FILE, {"error": reason})
+        task_cfg = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+        return JobReturn(
+            overrides=overrides,
+            cfg=task_cfg,
+            hydra_cfg=OmegaConf.masked_copy(config, "hydra"),
+            working_dir=str(job_dir),
+            task_name=config.hydra.job.name,
+            status=JobStatus.COMPLETED,
+            _return_value=float("nan"),
+        )
+
+
+class LocalLauncher(WaitingLauncher, plugin.LocalLauncher):
+    """`hydra/launcher=submitit_local`: a job is lost when its process has exited without a result."""
+
+    def gone(self, jobs: list[Job[Any]]) -> set[str]:
+        return {job.job_id for job in jobs if job.done()}  # LocalJob.done: its process is no longer running
+
+    def lost_reason(self, job: Job[Any]) -> str:
+        # submitit's controller process (the job id) reaps the task without keeping its exit status
+        return (
+            f"its process (submitit job {job.job_id}) ended without a result: killed (by the out-of-memory killer or"
+            f" kill -9?) or crashed; submitit does not record which; {log_hint(job)}"
+        )
+
+
+class SlurmLauncher(WaitingLauncher, plugin.SlurmLauncher):
+    """`hydra/launcher=slurm`: a job is lost when squeue has stopped listing it and it left no result.
+
+    squeue lists pending, running and completing jobs, requeued and preempted ones included (as PENDING),
+    so only jobs that have ended count. Why a job ended comes from sacct when the cluster keeps accounting,
+    else from slurmctld's memory of recently ended jobs (`scontrol show job`, for MinJobAge seconds).
+    """
+
+    lost_after_s = 30.0
+
+    def gone(self, jobs: list[Job[Any]]) -> set[str]:
+        listed = squeue_listed(sorted({job.job_id.split("_")[0] for job in jobs}))
+        if listed is None:  # squeue failed: nothing is known, so nothing is lost
+            return set()
+        return {job.job_id for job in jobs if job.job_id not in listed}
+
+    def lost_reason(self, job: Job[Any]) -> str:
+        sacct = slurm_command(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job.job_id])
+        if sacct.returncode == 0 and sacct.stdout.strip():
+            state, _, exit_code = sacct.stdout.strip().splitlines()[0].partition("|")
+            return f"SLURM job {job.job_id} ended {state} ({exit_text(exit_code)}) without a result; {log_hint(job)}"
+        if sacct.returncode == 0:
+            sacct_note = "sacct has no record of it yet"
+        else:
+            sacct_note = f"SLURM accounting is not available (sacct: {first_line(sacct.stderr + sacct.stdout)})"
+        scontrol = slurm_command(["scontrol", "-o", "show", "job", job.job_id])
+        fields = dict(re.findall(r"(\w+)=(\S*)", scontrol.stdout)) if scontrol.returncode == 0 else {}
+        if "JobState" in fields:
+            return (
+                f"SLURM job {job.job_id} ended {fields['JobState']} ({fields.get('Reason', 'None')}, "
+                f"{exit_text(fields.get('ExitCode', '?'))}) without a result, as slurmctld reports; {sacct_note};"
+                f" {log_hint(job)}"
+            )
+        return (
+            f"SLURM job {job.job_id} left the queue without a result; the cause is unknown: {sacct_note}, and"
+            f" slurmctld no longer knows the job; {log_hint(job)}"
+        )
+
+
+def has_result(job: Job[Any]) -> bool:
+    """Whether every task of `job` wrote its result pickle (what submitit's `done()` looks for first)."""
+    folder = job.paths.folder
+    with contextlib.suppress(OSError):  # as submitit does: an NFS client revalidates the folder, sees new files
+        folder.chmod(folder.stat().st_mode)
+    return all(job.task(k).paths.result_pickle.exists() for k in range(job.num_tasks))
+
+
+def squeue_listed(array_ids: list[str]) -> set[str] | None:
+    """The job ids (`<array>_<task>`, one per array task) squeue lists, or None when squeue cannot answer."""
+    result = slurm_command(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(array_ids)])
+    if result.returncode != 0:
+        return set() if "Invalid job id" in result.stderr else None  # slurmctld has forgotten every one of them
+    return set(result.stdout.split())
+
+
+def slurm_command(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a SLURM client; a missing or hung one is a failed call, never an exception or a hang."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return subprocess.CompletedProcess(args, 1, "", str(err))
+
+
+def exit_text(exit_code: str) -> str:
+    """SLURM's `<exit code>:<signal>`, with the signal it means (a shell reports 128 + N for signal N)."""
+    code, _, sig = exit_code.partition(":")
+    signum = int(sig) if sig.isdigit() and int(sig) else 0
+    if not signum and code.isdigit() and 128 < int(code) < 128 + signal.NSIG:
+        signum = int(code) - 128
+    return f"exit code {exit_code}" + (f": {killed_by(signum)}" if signum else "")
+
+
+def killed_by(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return f"killed by {name}" + (" (out of memory?)" if signum == signal.SIGKILL else "")
+
+
+def log_hint(job: Job[Any]) -> str:
+    """The job's submitit log, and its last line that says how the job ended (e.g. srun's `task 0: Killed`)."""
+    paths = job.task(0).paths
+    path = paths.stderr if paths.stderr.exists() else paths.stdout
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - 65536))
+            lines = file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return f"log: {path} (not written)"
+    line = next((line.strip() for line in reversed(lines) if END_LINE.search(line)), None)
+    return f"log: {path}" + (f" ({line})" if line else "")
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
