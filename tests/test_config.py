@@ -130,7 +130,9 @@ def test_warmup_longer_than_the_run_is_a_warning(make_cfg) -> None:
         (["++trainer.epoch=50"], "trainer.epoch (did you mean trainer.epochs?)"),
         (["+optim.weight_decy=0.1"], "optim.weight_decy (did you mean optim.weight_decay?)"),
         (["+aug.alpha=0.4"], "aug.alpha (only aug=mixup or aug=cutmix has it, e.g. aug=mixup aug.alpha=..."),
-        (["+lr=0.1"], "lr (valid keys here: model, aug, data, optim, sched, logger, trainer, seed, smoothing"),
+        (["+epochs=3"], "epochs (did you mean trainer.epochs?)"),
+        (["+lr=0.1"], "lr (did you mean optim.lr?)"),
+        (["+zzz=1"], "zzz (valid keys here: model, aug, data, optim, sched, logger, trainer, seed, smoothing"),
         (
             ["+model.depht=2", "+data.sise=3"],
             "keys, nothing would read it: model.depht (did you mean model.depth?); data",

@@ -87,7 +87,7 @@ def test_odd_images_become_rgb_and_a_truncated_one_is_named(pets_root: Path) -> 
 
 def test_missing_dataset_without_download_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(DataError, match="oxford-iiit-pet is incomplete.*data.download=true"):
+    with pytest.raises(DataError, match=r"Oxford-IIIT Pet is not at .*oxford-iiit-pet \(set data.download=true"):
         prepare_pets(tmp_path / "nothing", download=False)
 
 
@@ -228,6 +228,20 @@ def test_a_replaced_image_rebuilds_the_cache(pets_root: Path) -> None:
     fresh = PetsImages(pets_root, "test", cfg.stored_size)[0][0]
     assert torch.equal(after, fresh) and not torch.equal(after, before)
     assert fresh.min() == 255  # the white picture, not the old pixels
+    caches = sorted(p.name for p in (pets_root / "oxford-iiit-pet" / ".vitexp-cache").glob("*.pt"))
+    assert [name.split("-")[0] for name in caches] == ["test", "trainval"]  # the outdated test cache is gone
+
+
+def test_a_tree_set_aside_by_an_interrupted_download_is_put_back(pets_root: Path) -> None:
+    """A kill between the two renames of the swap leaves the user's tree under a temporary name."""
+    base = pets_root / "oxford-iiit-pet"
+    before = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    base.rename(pets_root / ".oxford-iiit-pet.previous-999")
+    (pets_root / ".oxford-iiit-pet.download-999" / "oxford-iiit-pet").mkdir(parents=True)  # the partial download
+    assert prepare_pets(pets_root, download=False) == base
+    after = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.name != PETS_COMPLETE_MARKER} == before
+    assert {p.name for p in pets_root.iterdir()} == {"oxford-iiit-pet", ".oxford-iiit-pet.lock"}
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,27 @@ def test_finished_run_is_not_redone_and_a_changed_config_is_refused(make_cfg, tm
         fit(make_cfg, tmp_path / "run", *RANDOM, "smoothing=0.2")
 
 
+def test_a_stop_during_the_last_step_of_an_epoch_is_honoured_after_it(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """With one step per epoch there is no step boundary inside an epoch: the stop comes after validation."""
+    one_step = ["data.batch_size=1024", "trainer.epochs=3"]
+    original_step = Trainer.optimizer_step
+
+    def stop_in_the_first_step(self: Trainer, finite) -> None:
+        original_step(self, finite)
+        if self.progress.step == 1:
+            self.stop_requested = True
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stop_in_the_first_step)
+    assert fit(make_cfg, tmp_path / "run", *RANDOM, *one_step) == {}
+    monkeypatch.undo()
+    progress = checkpoint.load(tmp_path / "run" / "last.pt")["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 0, 1)
+    assert [row["epoch"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    fit(make_cfg, tmp_path / "straight", *RANDOM, *one_step)
+    fit(make_cfg, tmp_path / "run", *RANDOM, *one_step)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "run"))
+
+
 def test_changed_config_cannot_resume_a_checkpoint(make_cfg, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: False)  # save and stop before any step
     fit(make_cfg, tmp_path / "run")
@@ -214,6 +235,8 @@ def test_weights_that_turn_nonfinite_are_never_saved_and_fail_the_run(make_cfg, 
     for name in ("last.pt", "best.pt"):
         assert all(torch.isfinite(w).all() for w in checkpoint.load(run_dir / name)["model"].values())
     assert not (run_dir / "results.json").exists()
+    log = (run_dir / "train.log").read_text()  # the run's own log says why it ended, with the traceback
+    assert "run failed" in log and "vitexp.engine.NonFiniteError: the weights became non-finite" in log
 
 
 def test_diverging_run_fails_without_nonfinite_checkpoints_or_results(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tests.conftest import CONF, TINY, run_train
 from vitexp import checkpoint, run
 from vitexp.checkpoint import CheckpointError
 from vitexp.engine import Trainer
-from vitexp.logger import read_jsonl
+from vitexp.logger import MetricsFileError, read_jsonl
 from vitexp.run import RunIdentity
 
 BASE = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "aug=cutmix", "smoothing=0.1"]
@@ -80,7 +80,7 @@ def test_best_checkpoint_is_checked_when_a_run_resumes_and_the_advice_works(
 
     good_best = (run_dir / "best.pt").read_bytes()
     (run_dir / "best.pt").write_bytes(good_best[:1000])  # torn by a bad disk
-    with pytest.raises(CheckpointError, match=r"best.pt is unreadable .*the test needs it: move last.pt and best.pt"):
+    with pytest.raises(CheckpointError, match=r"best.pt is unreadable .*the test needs it: move last.pt, best.pt and"):
         fit(make_cfg, run_dir)
     (run_dir / "best.pt").unlink()
     with pytest.raises(CheckpointError, match=r"best.pt is missing, but .*last.pt records epoch 1 as the best"):
@@ -99,7 +99,7 @@ def test_best_checkpoint_is_checked_when_a_run_resumes_and_the_advice_works(
     (second / "best.pt").unlink()
     moved = tmp_path / "moved"
     moved.mkdir()
-    for name in ("last.pt", "best.pt"):  # "move last.pt and best.pt out": it trains from scratch
+    for name in ("last.pt", "best.pt", "wandb_id"):  # "move last.pt, best.pt and wandb_id out": from scratch
         if (second / name).exists():
             shutil.move(second / name, moved / name)
     results = fit(make_cfg, second)
@@ -151,7 +151,7 @@ def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(make_cfg, tmp_p
     assert f"{metrics}: dropping its last line, cut short by an interrupted write" in caplog.text
 
     metrics.write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+    with pytest.raises(MetricsFileError, match=r"metrics.jsonl line 2 is not JSON"):
         read_jsonl(metrics)
 
 

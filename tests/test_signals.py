@@ -52,11 +52,13 @@ def test_a_sweep_in_one_process_stops_reports_and_resumes(tmp_path: Path) -> Non
     assert "2 of 2 jobs did not finish:" in stderr
     assert f"#0 aug=none: stopped by SIGUSR2; {sweep_dir / '0' / 'last.pt'} holds the progress" in stderr
     assert "#1 aug=cutmix: not started" in stderr
-    assert "the sweep was stopped by SIGUSR2: run the same command again to resume it" in stderr
+    assert "the sweep was stopped by SIGUSR2; resume it with:" in stderr
+    resume = shlex.split(stderr.strip().splitlines()[-1])
+    assert resume[-1] == f"hydra.sweep.dir={sweep_dir}" and "-m" in resume
     assert [row["status"].split(" ")[0] for row in report_rows(sweep_dir)] == ["0/1", "0/1"]
     assert (sweep_dir / "0" / "last.pt").exists() and not (sweep_dir / "1" / "last.pt").exists()
 
-    relaunch = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    relaunch = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert sorted(job_results(sweep_dir)) == [0, 1]
     assert "resumed from" in (sweep_dir / "0" / "train.log").read_text()

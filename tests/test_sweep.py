@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,17 @@ def test_failing_job_does_not_stop_the_others(tmp_path: Path) -> None:
     rows = report_rows(tmp_path / "sweep")
     assert [row["status"].split(" ")[0] for row in rows] == ["1/1", "0/1"]
     assert "#1 failed" in rows[1]["status"]
+
+
+def test_a_diverged_job_is_a_failed_job(tmp_path: Path) -> None:
+    """A std of 1e-39 scales every input to infinity: every loss is non-finite (a diverged run, quickly)."""
+    result = sweep(tmp_path / "sweep", "data.std=[0.5,0.5,0.5],[1e-39,1e-39,1e-39]", "aug=none")
+    assert result.returncode == 1
+    assert sorted(job_results(tmp_path / "sweep")) == [0]
+    failure = json.loads((tmp_path / "sweep" / "1" / "failed.json").read_text())["error"]
+    assert failure.startswith("NonFiniteError: loss or gradients were non-finite for 10 consecutive steps")
+    assert "#1 data.std=[1e-39,1e-39,1e-39]: NonFiniteError: loss or gradients were non-finite" in result.stderr
+    assert not list((tmp_path / "sweep" / "1").glob("*.pt"))
 
 
 def test_relaunch_skips_finished_jobs_and_resumes_the_killed_one(tmp_path: Path) -> None:

@@ -68,18 +68,21 @@ def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path: Pat
     assert run["exit_code"] == 0 and len(run["history"]) == 2
 
 
-def test_secrets_in_the_environment_reach_no_file_a_run_writes(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_secrets_in_the_environment_reach_no_file_a_sweep_writes(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
     secrets = {
         "WANDB_API_KEY": "local-" + "5ec7e7" * 8,
         "HF_TOKEN": "hf_tokenvalue0123456789",
         "MY_SERVICE_KEY": "service-key-9f8e7d6c5b4a",
     }
     env = secrets | {"WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"}  # tries online, then goes offline
-    result = run_train(*RUN, "trainer.epochs=1", f"hydra.run.dir={run_dir}", env=env)
+    result = run_train("-m", *RUN, "trainer.epochs=1", f"hydra.sweep.dir={sweep_dir}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    written = [path for path in run_dir.rglob("*") if path.is_file()]
-    assert any(path.suffix == ".wandb" for path in written) and (run_dir / "results.json") in written
+    written = [path for path in sweep_dir.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    assert {"multirun.yaml", "report.md", "results.json", "config.yaml", "train.log"} <= names
+    wandb_dirs = {path.relative_to(sweep_dir).parts[0] for path in written if path.suffix == ".wandb"}
+    assert wandb_dirs == {"0", "wandb"}  # the job's W&B run and the report's
     for path in written:
         content = path.read_bytes()
         for name, value in secrets.items():

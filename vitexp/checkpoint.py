@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+LAST_FILE = "last.pt"  # every piece of training state, written every epoch and at a stop
+BEST_FILE = "best.pt"  # the weights of the best validation epoch, which the test runs on
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read; resuming from scratch would silently lose work."""
@@ -102,7 +105,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):  # the legacy tuple form (older checkpoints) is set as it is
+    if isinstance(numpy_state, dict):  # the key array was stored as a tensor; older checkpoints hold the legacy tuple
         numpy_state = numpy_state | {"state": numpy_state["state"] | {"key": numpy_state["state"]["key"].numpy()}}
         numpy_state["state"]["key"] = numpy_state["state"]["key"].astype(np.uint32)
     np.random.set_state(numpy_state)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
 
@@ -60,7 +63,7 @@ class StopSignals:
 
     def hands_to_submitit(self, signum: int) -> bool:
         """Whether this is a submitit job whose own USR2 handler requeues it (a checkpointable job)."""
-        return signum == PREEMPT_SIGNAL and bool(os.environ.get("SUBMITIT_EXECUTOR")) and callable(self.submitit)
+        return signum == PREEMPT_SIGNAL and in_submitit_job() and callable(self.submitit)
 
     @property
     def submitit(self) -> Any:
@@ -69,3 +72,14 @@ class StopSignals:
     def requeue(self) -> None:
         """Hand the requeue to submitit's handler: it pickles the job again, requeues it and exits."""
         self.submitit(PREEMPT_SIGNAL, None)
+
+
+def in_submitit_job() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def resume_command(directory_key: str, directory: Path) -> str:
+    """This process's command line, pinned to `directory`: the default run and sweep directories are
+    time-stamped, so the bare command would start over in a new one."""
+    args = [arg for arg in sys.argv if not arg.startswith(f"{directory_key}=")]
+    return shlex.join(["python", *args, f"{directory_key}={directory}"])

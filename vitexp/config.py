@@ -331,8 +331,17 @@ def _unknown_keys(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, typ
             yield from _unknown_keys(value, f"{prefix}{key}.")
 
 
-def _suggestion(key: str, schema: type) -> str:
-    """The closest key of the same node, or the options of its group that do have the key."""
+def _all_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
+    for key, value in node.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _suggestion(key: str, schema: type, known: list[str]) -> str:
+    """The closest key of the same node, the options of its group that have the key, or the closest key
+    anywhere in the config (`+epochs=3` -> trainer.epochs)."""
     group, _, leaf = key.rpartition(".")
     prefix = f"{group}." if group else ""
     close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(schema)], n=1, cutoff=0.6)
@@ -343,6 +352,10 @@ def _suggestion(key: str, schema: type) -> str:
     ]
     if owners:
         return f"only {' or '.join(f'{group}={o}' for o in owners)} has it, e.g. {group}={owners[0]} {key}=..."
+    leaves = {k.rpartition(".")[2]: k for k in reversed(known)}
+    elsewhere = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    if elsewhere:
+        return f"did you mean {leaves[elsewhere[0]]}?"
     valid = [f.name for f in dataclasses.fields(schema)]
     return f"valid keys here: {', '.join(prefix + name for name in valid)}"
 
@@ -351,7 +364,8 @@ def check_known_keys(cfg: DictConfig) -> None:
     """Refuse keys no schema defines (added with `+key=` or `++key=`): they would be silently ignored."""
     unknown = list(_unknown_keys(cfg))
     if unknown:
-        listed = "; ".join(f"{key} ({_suggestion(key, schema)})" for key, schema in unknown)
+        known = [key for key in _all_keys(cfg) if key not in {k for k, _ in unknown}]
+        listed = "; ".join(f"{key} ({_suggestion(key, schema, known)})" for key, schema in unknown)
         raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}, nothing would read it: {listed}")
 
 

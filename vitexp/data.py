@@ -8,6 +8,7 @@ which is what makes mid-epoch resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,6 +77,7 @@ PETS_CLASSES = (
     "Yorkshire Terrier",
 )
 PETS_COMPLETE_MARKER = ".vitexp-complete"
+PETS_LOCK = ".oxford-iiit-pet.lock"
 
 
 class DataError(RuntimeError):
@@ -209,6 +211,8 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 
 def _incomplete(base: Path, missing: list[Path]) -> str:
+    if missing == [base]:
+        return f"Oxford-IIIT Pet is not at {base}"
     return f"Oxford-IIIT Pet at {base} is incomplete: {len(missing)} files missing, e.g. {missing[0]}"
 
 
@@ -220,7 +224,8 @@ def _mark_complete(base: Path) -> None:
 
 
 def _swap_in(fresh: Path, base: Path, aside: Path) -> None:
-    """Replace `base` by `fresh` with renames: at every moment the old tree or the new one is in place."""
+    """Replace `base` by `fresh` with renames: at every moment the old tree or the new one is in place
+    (under its own name, or as `aside` until `_clear_leftovers` puts it back), and only then remove the old one."""
     if os.path.lexists(base):
         base.rename(aside)
     try:
@@ -229,33 +234,50 @@ def _swap_in(fresh: Path, base: Path, aside: Path) -> None:
         if os.path.lexists(aside):
             aside.rename(base)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
-def _download_pets(root: Path, base: Path, missing: list[Path]) -> None:
+def _clear_leftovers(root: Path, base: Path) -> None:
+    """What killed downloads left next to `base` (the caller holds the download lock, so none is running):
+    partial downloads are removed, and an old tree set aside by an interrupted swap is put back."""
+    for staging in root.glob(".oxford-iiit-pet.download-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for aside in root.glob(".oxford-iiit-pet.previous-*"):
+        if os.path.lexists(base):  # the swap completed: this is the replaced tree
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(base)
+
+
+def _download_pets(root: Path, base: Path, holding_root_lock: bool) -> None:
     """Download into a temp dir next to `base` (same filesystem), verify it there, then swap it in.
 
-    Whatever fails (no network, HTTP error, corrupt archive, files missing after extraction), the
-    existing tree stays as it was and the temp dir is removed.
+    Whatever fails (no network, HTTP error, corrupt archive, files missing after extraction, a kill), the
+    existing tree stays as it was. The download lock is always the one in `root`, whatever `data.cache_dir`
+    says, since the temp dirs are there.
     """
-    staging = root / f".oxford-iiit-pet.download-{os.getpid()}"
-    if base.exists():
-        log.warning("Pets tree at %s is incomplete (%d files missing); downloading it again", base, len(missing))
-    try:
-        for stale in root.glob(".oxford-iiit-pet.download-*"):  # left by killed jobs; we hold the download lock
-            shutil.rmtree(stale, ignore_errors=True)
-        OxfordIIITPet(staging, split="trainval", download=True)
-        fresh = staging / "oxford-iiit-pet"
-        if lacking := _missing_pets_files(fresh):
-            raise DataError(f"the downloaded archives lack {len(lacking)} files, e.g. {lacking[0].name}")
-        (fresh / PETS_COMPLETE_MARKER).write_text("ok\n")
-        _swap_in(fresh, base, staging / "previous")
-    except Exception as err:
-        raise DataError(
-            f"{_incomplete(base, missing)}; downloading it failed: {str(err) or repr(err)} "
-            "(the files there were left as they were)"
-        ) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.nullcontext() if holding_root_lock else _locked(root / PETS_LOCK):
+        _clear_leftovers(root, base)
+        missing = _missing_pets_files(base) if base.is_dir() else [base]
+        if not missing:  # another job (with another data.cache_dir) has just downloaded it
+            return
+        if base.exists():
+            log.warning("Pets tree at %s is incomplete (%d files missing); downloading it again", base, len(missing))
+        staging = root / f".oxford-iiit-pet.download-{os.getpid()}"
+        try:
+            OxfordIIITPet(staging, split="trainval", download=True)
+            fresh = staging / "oxford-iiit-pet"
+            if lacking := _missing_pets_files(fresh):
+                raise DataError(f"the downloaded archives lack {len(lacking)} files, e.g. {lacking[0].name}")
+            (fresh / PETS_COMPLETE_MARKER).write_text("ok\n")
+            _swap_in(fresh, base, root / f".oxford-iiit-pet.previous-{os.getpid()}")
+        except Exception as err:
+            kept = "the files there were left as they were" if base.exists() else "nothing was left behind"
+            raise DataError(
+                f"{_incomplete(base, missing)}; downloading it failed: {str(err) or repr(err)} ({kept})"
+            ) from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_pets(root: Path, download: bool, cache_dir: Path | None = None) -> Path:
@@ -268,14 +290,16 @@ def prepare_pets(root: Path, download: bool, cache_dir: Path | None = None) -> P
     """
     _require_root(root, download)
     base = root / "oxford-iiit-pet"
-    with _locked((cache_dir or root) / ".oxford-iiit-pet.lock"):
+    with _locked((cache_dir or root) / PETS_LOCK):
+        if cache_dir is None:  # holding the root's lock: no download runs, anything left over is from a killed one
+            _clear_leftovers(root, base)
         if (base / PETS_COMPLETE_MARKER).is_file():
             return base
         missing = _missing_pets_files(base) if base.is_dir() else [base]
         if missing and not download:
             raise DataError(f"{_incomplete(base, missing)} (set data.download=true to download it)")
         if missing:
-            _download_pets(root, base, missing)
+            _download_pets(root, base, holding_root_lock=cache_dir is None)
         elif cache_dir is None:
             _mark_complete(base)
     return base
@@ -294,11 +318,14 @@ def decode_all(dataset: Dataset, num_workers: int, what: str) -> TensorDataset:
     return TensorDataset(torch.cat(images), torch.cat(labels).long())
 
 
-def cached(dataset: Dataset, cache_dir: Path, key: dict[str, Any], num_workers: int) -> TensorDataset:
+def cached(
+    dataset: Dataset, cache_dir: Path, key: dict[str, Any], num_workers: int, prune: bool = False
+) -> TensorDataset:
     """`dataset` as uint8 tensors, decoded once into a cache file keyed by everything that shapes the pixels.
 
     Jobs starting together wait on a file lock while the first one decodes; a cache that does not
-    match its key, its length or its dtype is rebuilt, never used.
+    match its key, its length or its dtype is rebuilt, never used. With `prune` (a cache directory that
+    belongs to this dataset alone), a new cache replaces the older ones of the same split and size.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"{key['split']}-{key['size']}px-{digest}.pt"
@@ -316,6 +343,10 @@ def cached(dataset: Dataset, cache_dir: Path, key: dict[str, Any], num_workers: 
         images, labels = data.tensors
         atomic_write(path, lambda file: torch.save({"key": key, "images": images, "labels": labels}, file))
         log.info("cached %d images of %s %s in %s", len(images), key["dataset"], key["split"], path)
+        for stale in cache_dir.glob(f"{key['split']}-{key['size']}px-*.pt") if prune else ():
+            if stale != path:  # its images or listing changed since: it will never be read again
+                stale.unlink(missing_ok=True)
+                log.info("removed the outdated cache %s", stale)
         return data
 
 
@@ -360,9 +391,10 @@ def load_pets(cfg: DataConfig) -> Splits:
     if not cfg.cache:
         train, val = torch.utils.data.Subset(trainval, train_idx), torch.utils.data.Subset(trainval, val_idx)
         return Splits(train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+    own_cache = _cache_dir(cfg) is None  # data.cache_dir may serve several copies of the dataset: never pruned
     cache_dir = _cache_dir(cfg) or base / ".vitexp-cache"
-    trainval_data = cached(trainval, cache_dir, _pets_cache_key(base, "trainval", trainval), cfg.num_workers)
-    test_data = cached(test, cache_dir, _pets_cache_key(base, "test", test), cfg.num_workers)
+    trainval_data = cached(trainval, cache_dir, _pets_cache_key(base, "trainval", trainval), cfg.num_workers, own_cache)
+    test_data = cached(test, cache_dir, _pets_cache_key(base, "test", test), cfg.num_workers, own_cache)
     train, val = split_tensors(trainval_data, train_idx), split_tensors(trainval_data, val_idx)
     return Splits(train, val, test_data, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
 

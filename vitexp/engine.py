@@ -41,10 +41,6 @@ class NonFiniteError(RuntimeError):
     """
 
 
-class StoppedError(RuntimeError):
-    """A stop signal ended training after `last.pt` was written; running again resumes."""
-
-
 @dataclass
 class Progress:
     """Where training stands; saved in every checkpoint."""
@@ -204,11 +200,11 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------
     @property
     def last_path(self) -> Path:
-        return self.run_dir / "last.pt"
+        return self.run_dir / checkpoint.LAST_FILE
 
     @property
     def best_path(self) -> Path:
-        return self.run_dir / "best.pt"
+        return self.run_dir / checkpoint.BEST_FILE
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -300,10 +296,13 @@ class Trainer:
                         self.train_means.compute()["loss"],
                         self.scheduler.get_last_lr()[0],
                     )
-                stop = self.stop_requested or (self.stop is not None and self.stop.requested is not None)
-                if stop and self.progress.batch < self.order.batches_per_epoch:
+                if self.stopping() and self.progress.batch < self.order.batches_per_epoch:
                     return False
         return True
+
+    def stopping(self) -> bool:
+        """Whether a stop was requested (by a signal, or by setting `stop_requested`)."""
+        return self.stop_requested or (self.stop is not None and self.stop.requested is not None)
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
         """Apply the accumulated gradients, or skip them if a loss in the window or a gradient was non-finite.
@@ -317,7 +316,7 @@ class Trainer:
         if trainer.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
-        else:
+        elif not self.scaler.is_enabled():
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if not self.scaler.is_enabled():
             finite = finite & torch.isfinite(norm)
@@ -423,6 +422,9 @@ class Trainer:
                 row["val/acc"],
                 row["epoch_time_s"],
             )
+            if self.stopping() and epoch + 1 < self.cfg.trainer.epochs:  # a stop during the epoch's last step
+                log.info("stopped after epoch %d; checkpoint saved", epoch + 1)
+                return {}
         return self.finish(logger)
 
     def count_time(self, seconds: float, batches: int) -> None:

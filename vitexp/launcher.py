@@ -44,8 +44,10 @@ class WaitingLauncher(plugin.BaseSubmititLauncher):
     # how long a job must stay gone without a result before it is lost (a shared file system may show the
     # result pickle late)
     lost_after_s = 0.0
+    submitted_at = 0.0  # when this launch submitted its jobs: a failed.json older than that is a previous launch's
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        self.submitted_at = time.time()
         jobs = self.submit_jobs(job_overrides, initial_job_idx)
         lost = self.wait_for_jobs(jobs, initial_job_idx)
         returns = []
@@ -125,8 +127,10 @@ class WaitingLauncher(plugin.BaseSubmititLauncher):
         with open_dict(config.hydra.job):
             config.hydra.job.num = num
         job_dir = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
-        if not (job_dir / RESULTS_FILE).exists() and not (job_dir / FAILED_FILE).exists():
-            write_json(job_dir / FAILED_FILE, {"error": reason})
+        failure = job_dir / FAILED_FILE
+        recorded = failure.exists() and failure.stat().st_mtime >= self.submitted_at  # by this launch's job itself
+        if not (job_dir / RESULTS_FILE).exists() and not recorded:
+            write_json(failure, {"error": reason})
         task_cfg = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
         return JobReturn(
             overrides=overrides,
@@ -162,14 +166,24 @@ class SlurmLauncher(WaitingLauncher, plugin.SlurmLauncher):
     """
 
     lost_after_s = 30.0
+    squeue_patience_s = 600.0  # squeue failing this long: the jobs are given up as lost rather than awaited forever
+    squeue_failing_since: float | None = None
 
     def gone(self, jobs: list[Job[Any]]) -> set[str]:
         listed = squeue_listed(sorted({job.job_id.split("_")[0] for job in jobs}))
-        if listed is None:  # squeue failed: nothing is known, so nothing is lost
-            return set()
+        if listed is None:  # squeue failed: nothing is known, so nothing is lost, for a while
+            now = time.monotonic()
+            self.squeue_failing_since = self.squeue_failing_since or now
+            return {job.job_id for job in jobs} if now - self.squeue_failing_since > self.squeue_patience_s else set()
+        self.squeue_failing_since = None
         return {job.job_id for job in jobs if job.job_id not in listed}
 
     def lost_reason(self, job: Job[Any]) -> str:
+        if self.squeue_failing_since is not None:
+            return (
+                f"squeue has not answered for {self.squeue_patience_s:.0f} s, so SLURM job {job.job_id} is no longer"
+                f" awaited; it may still be running and write its results; {log_hint(job)}"
+            )
         sacct = slurm_command(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job.job_id])
         if sacct.returncode == 0 and sacct.stdout.strip():
             state, _, exit_code = sacct.stdout.strip().splitlines()[0].partition("|")

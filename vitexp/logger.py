@@ -21,6 +21,10 @@ RESULTS_FILE = "results.json"
 WANDB_ID_FILE = "wandb_id"
 
 
+class MetricsFileError(ValueError):
+    """A JSON-lines file of a run has an unreadable line before its last one (not a cut-short write)."""
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda file: file.write(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"))
 
@@ -39,7 +43,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             if number < len(lines):
-                raise ValueError(f"{path} line {number} is not JSON ({err.msg}): {line[:80]!r}") from None
+                raise MetricsFileError(
+                    f"{path} line {number} is not JSON ({err.msg}): {line[:80]!r}; fix or remove that line"
+                ) from None
             log.warning("%s: dropping its last line, cut short by an interrupted write: %r", path, line[:80])
     return rows
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.logger import RESULTS_FILE, read_jsonl
+from vitexp.logger import METRICS_FILE, RESULTS_FILE, read_jsonl
 from vitexp.sweep import Job, expand_jobs, failure_line, job_state, varying_keys
 
 METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("loss", "NLL"))
@@ -72,7 +72,7 @@ def collect(jobs: list[Job], defaults: dict[str, Any]) -> list[Cell]:
         state = job_state(job)
         if state == "done":
             cell.results.append(json.loads((job.directory / RESULTS_FILE).read_text()))
-            cell.curves.append([row["val/acc"] for row in read_jsonl(job.directory / "metrics.jsonl")])
+            cell.curves.append([row["val/acc"] for row in read_jsonl(job.directory / METRICS_FILE)])
         elif state == "failed":
             cell.problems.append(f"#{job.number} failed: {failure_line(job)}")
         else:

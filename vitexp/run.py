@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import UncompletedJobError
 
 from vitexp.checkpoint import CheckpointError
-from vitexp.cluster import EXIT_STOPPED, StopSignals
+from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import Config, ConfigError, validate
 from vitexp.data import DataError
 from vitexp.engine import NonFiniteError, Trainer
-from vitexp.logger import RunLogger, sweep_group
+from vitexp.logger import MetricsFileError, RunLogger, sweep_group
 from vitexp.models import PretrainedWeightsError
 from vitexp.rundir import RunConflictError, RunDir
 
@@ -32,7 +32,8 @@ log = logging.getLogger("vitexp")
 GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
 EXIT_FAILED, EXIT_USAGE = 1, 2
 USAGE_ERRORS = (ConfigError, RunConflictError)  # the command is wrong: nothing was run
-RUN_ERRORS = (CheckpointError, DataError, NonFiniteError, PretrainedWeightsError)  # explained in one line
+# failures a line of text explains fully: no traceback
+RUN_ERRORS = (CheckpointError, DataError, MetricsFileError, NonFiniteError, PretrainedWeightsError)
 
 
 @dataclass
@@ -152,39 +153,50 @@ def main(cfg: DictConfig) -> float:
         except Exception as err:
             return failed(err, directory, multirun)
         if not results:
-            return stopped(stop, directory, hydra_cfg, multirun)
+            return stopped(stop, directory, multirun)
     return float(results["best_val"]["acc"])
 
 
 def failed(err: Exception, directory: RunDir, multirun: bool) -> float:
     """A sweep job records the error (unless the directory is not its own) and returns NaN; a single run exits."""
-    if not isinstance(err, USAGE_ERRORS + RUN_ERRORS):
-        if not multirun:
+    known = isinstance(err, USAGE_ERRORS + RUN_ERRORS)
+    if not multirun:
+        if not known:
             raise err
-        log.exception("job failed")
-    if multirun:
         log.error("%s", err)
-        if not isinstance(err, RunConflictError):
-            last_line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-            directory.record_failure(f"{type(err).__name__}: {last_line}")
-        return math.nan
-    log.error("%s", err)
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE if isinstance(err, USAGE_ERRORS) else EXIT_FAILED)
+    if known:
+        log.error("%s", err)
+    else:
+        log.exception("job failed")
+    if not isinstance(err, RunConflictError):
+        last_line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        directory.record_failure(f"{type(err).__name__}: {last_line}")
+    return math.nan
 
 
-def stopped(stop: StopSignals, directory: RunDir, hydra_cfg: DictConfig, multirun: bool) -> float:
-    """After a stop signal and a written `last.pt`: requeue through submitit, or record how to resume."""
+def stopped(stop: StopSignals, directory: RunDir, multirun: bool) -> float:
+    """After a stop signal and a written `last.pt`: requeue through submitit, or record how to resume.
+
+    A submitit job that is not requeued ends without a result (SystemExit passes submitit by), so its
+    launcher keeps waiting while SLURM requeues the job after a preemption, and reports the job as
+    not finished otherwise.
+    """
     assert stop.requested is not None
-    if stop.hands_to_submitit(stop.requested):
-        stop.requeue()
     message = f"stopped by {stop.requested.name}; {directory.last} holds the progress"
+    if stop.hands_to_submitit(stop.requested):
+        try:
+            stop.requeue()
+        except UncompletedJobError as err:  # submitit will not requeue it again (e.g. timed out too often)
+            directory.record_failure(f"{message}; not requeued: {err}")
+            return math.nan
     if multirun:
-        directory.record_failure(f"{message}: relaunching the sweep resumes it")
+        directory.record_failure(f"{message}: relaunching the sweep (with its hydra.sweep.dir) resumes it")
+        if in_submitit_job():
+            sys.exit(EXIT_STOPPED)
         return math.nan
-    overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
-    command = shlex.join(["python", sys.argv[0], *hydra_cfg.overrides.task, *overrides])
-    resume = f"{command} hydra.run.dir={shlex.quote(str(directory.path))}"
+    resume = resume_command("hydra.run.dir", directory.path)
     log.warning("%s. Resume with: %s", message, resume)
     print(f"{message}. Resume with:\n  {resume}", file=sys.stderr)
     sys.exit(EXIT_STOPPED)

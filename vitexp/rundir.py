@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp import checkpoint
-from vitexp.checkpoint import CheckpointError, atomic_write
+from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError, atomic_write
 from vitexp.config import config_diff, config_hash, semantic_config
-from vitexp.logger import METRICS_FILE, RESULTS_FILE, write_json
+from vitexp.logger import RESULTS_FILE, WANDB_ID_FILE, write_json
 
 log = logging.getLogger("vitexp")
 
@@ -41,25 +42,21 @@ def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> st
 
 @dataclass
 class RunDir:
-    """The files of one run. `prepare` checks them all, and writes nothing, before a run may start."""
+    """The files of one run. `finished` and `resumable` check them, writing nothing, before a run may start."""
 
     path: Path
 
     @property
     def last(self) -> Path:
-        return self.path / "last.pt"
+        return self.path / LAST_FILE
 
     @property
     def best(self) -> Path:
-        return self.path / "best.pt"
+        return self.path / BEST_FILE
 
     @property
     def results(self) -> Path:
         return self.path / RESULTS_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS_FILE
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -105,7 +102,7 @@ class RunDir:
         """
         if not self.last.exists():
             return None
-        advice = f"move {self.last.name} and {self.best.name} out of {self.path} to train from scratch"
+        advice = f"move {LAST_FILE}, {BEST_FILE} and {WANDB_ID_FILE} (if any) out of {self.path} to train from scratch"
         try:
             state = checkpoint.load(self.last)
         except CheckpointError as err:
@@ -156,13 +153,20 @@ class RunDir:
 
     @contextmanager
     def logging_to(self, name: str) -> Iterator[None]:
-        """Append the run's log lines to `<name>.log` in the directory while the block runs."""
+        """Append the run's log lines to `<name>.log` in the directory while the block runs.
+
+        An exception that ends the block is written there too, with its traceback, so the log says why the
+        run ended; the console hears of it from whoever handles the exception.
+        """
         handler = logging.FileHandler(self.path / f"{name}.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root = logging.getLogger()
         root.addHandler(handler)
         try:
             yield
+        except Exception:
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed", None, sys.exc_info()))
+            raise
         finally:
             root.removeHandler(handler)
             handler.close()

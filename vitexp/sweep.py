@@ -19,8 +19,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.cluster import EXIT_STOPPED, StopSignals
+from vitexp.checkpoint import LAST_FILE
+from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import config_diff, config_hash, semantic_config, validate
+from vitexp.logger import RESULTS_FILE
 from vitexp.rundir import FAILED_FILE, HYDRA_DIR, LOCK_FILE
 
 log = logging.getLogger("vitexp")
@@ -56,7 +58,7 @@ def varying_keys(jobs: list[Job]) -> set[str]:
 
 def job_state(job: Job) -> str:
     """done, failed, running, started (a checkpoint, no process) or new."""
-    if (job.directory / "results.json").exists():
+    if (job.directory / RESULTS_FILE).exists():
         return "done"
     if (job.directory / FAILED_FILE).exists():
         return "failed"
@@ -66,7 +68,7 @@ def job_state(job: Job) -> str:
                 pass
         except Timeout:
             return "running"
-    return "started" if (job.directory / "last.pt").exists() else "new"
+    return "started" if (job.directory / LAST_FILE).exists() else "new"
 
 
 def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
@@ -141,28 +143,28 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from vitexp.report import sweep_defaults, write_report
 
+        stopped_by = None
+        if self.stop is not None:  # the jobs are over: a signal from here on ends the process as usual
+            stopped_by = self.stop.requested
+            self.stop.__exit__()
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = expand_jobs(config.hydra, sweep_dir)
         report = write_report(sweep_dir, jobs, sweep_defaults(config))
         log.info("sweep report: %s", report.markdown)
         if config.logger.name == "wandb":
             report.log_to_wandb(config)
-        stopped_by = self.stop.requested if self.stop is not None else None
-        if self.stop is not None:
-            self.stop.__exit__()
         failed = [job for job in jobs if job_state(job) != "done"]
-        if failed:
-            varying = varying_keys(jobs)
-            print(f"{len(failed)} of {len(jobs)} jobs did not finish:", file=sys.stderr)
-            for job in failed:
-                print(f"  #{job.number} {' '.join(job.varying(varying))}: {failure_line(job)}", file=sys.stderr)
+        if not failed:
+            return
+        varying = varying_keys(jobs)
+        print(f"{len(failed)} of {len(jobs)} jobs did not finish:", file=sys.stderr)
+        for job in failed:
+            print(f"  #{job.number} {' '.join(job.varying(varying))}: {failure_line(job)}", file=sys.stderr)
         if stopped_by is not None:
-            print(
-                f"the sweep was stopped by {stopped_by.name}: run the same command again to resume it", file=sys.stderr
-            )
+            print(f"the sweep was stopped by {stopped_by.name}; resume it with:", file=sys.stderr)
+            print(f"  {resume_command('hydra.sweep.dir', sweep_dir)}", file=sys.stderr)
             sys.exit(EXIT_STOPPED)
-        if failed:
-            sys.exit(1)
+        sys.exit(1)
 
 
 def failure_line(job: Job) -> str:
