@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -59,6 +60,24 @@ def make_cfg() -> Callable[..., DictConfig]:
             return compose("config", overrides=list(overrides), return_hydra_config=False)
 
     return _compose
+
+
+def cluster_answers() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return result.returncode == 0 and any(state in result.stdout for state in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local SLURM cluster (tests/slurm/cluster.sh): skipped without one, except in CI where it must run."""
+    if not cluster_answers():
+        if os.environ.get("CI"):
+            pytest.fail("no SLURM cluster answers; .ci/run starts one with tests/slurm/cluster.sh")
+        pytest.skip(
+            "no SLURM cluster (start one: sudo tests/slurm/cluster.sh install && sudo tests/slurm/cluster.sh start)"
+        )
 
 
 def run_train(

@@ -17,21 +17,11 @@ import pytest
 
 from tests.conftest import REPO
 from tests.sweeps import job_results, logged_epochs, report_rows, sweep_command, wait_for_epochs
-from tests.test_slurm import SLURM, cluster_answers
+from tests.test_slurm import SLURM
 from vitexp.launcher import exit_text
 from vitexp.rundir import FAILED_FILE, LOCK_FILE
 
 GRID = ["aug=none,cutmix", "trainer.epochs=20"]  # job 0 is killed mid-run; job 1 finishes
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> None:
-    if not cluster_answers():
-        if os.environ.get("CI"):
-            pytest.fail("no SLURM cluster answers; .ci/run starts one with tests/slurm/cluster.sh")
-        pytest.skip(
-            "no SLURM cluster (start one: sudo tests/slurm/cluster.sh install && sudo tests/slurm/cluster.sh start)"
-        )
 
 
 def job_process(job_dir: Path) -> int:
@@ -98,6 +88,7 @@ def test_killed_local_job_is_reported_and_resumed(tmp_path: Path) -> None:
     assert_relaunch_resumes_job_0(args, sweep_dir)
 
 
+@pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_killed_slurm_job_is_reported_and_resumed(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"

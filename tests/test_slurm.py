@@ -5,8 +5,6 @@ CI starts the cluster before the tests; elsewhere these tests are skipped when n
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -28,21 +26,7 @@ SLURM = [
 ]
 
 
-def cluster_answers() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return result.returncode == 0 and any(state in result.stdout for state in ("idle", "mix", "alloc"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster() -> None:
-    if not cluster_answers():
-        if os.environ.get("CI"):
-            pytest.fail("no SLURM cluster answers; .ci/run starts one with tests/slurm/cluster.sh")
-        pytest.skip(
-            "no SLURM cluster (start one: sudo tests/slurm/cluster.sh install && sudo tests/slurm/cluster.sh start)"
-        )
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 
 def queue() -> list[str]:

@@ -40,6 +40,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> st
     return "; ".join(config_diff(semantic_config(old), semantic_config(new))[:limit])
 
 
+def _check_same_config(path: Path, stored: dict[str, Any], config: dict[str, Any]) -> None:
+    if config_hash(stored) != config_hash(config):
+        raise RunConflictError(
+            f"{path} was made with a different config ({_differences(stored, config)}); use another run directory"
+        )
+
+
 @dataclass
 class RunDir:
     """The files of one run. `finished` and `resumable` check them, writing nothing, before a run may start."""
@@ -107,11 +114,7 @@ class RunDir:
             state = checkpoint.load(self.last)
         except CheckpointError as err:
             raise CheckpointError(f"{err}; refusing to start over: {advice}") from None
-        if config_hash(state["config"]) != config_hash(config):
-            raise RunConflictError(
-                f"{self.last} was made with a different config ({_differences(state['config'], config)}); "
-                "use another run directory"
-            )
+        _check_same_config(self.last, state["config"], config)
         progress = state["progress"]
         if progress["best_epoch"] < 1:
             return state
@@ -124,10 +127,7 @@ class RunDir:
             best = checkpoint.load(self.best)
         except CheckpointError as err:
             raise CheckpointError(f"{err}; the test needs it: {advice}") from None
-        if config_hash(best["config"]) != config_hash(config):
-            raise RunConflictError(
-                f"{self.best} was made with a different config ({_differences(best['config'], config)})"
-            )
+        _check_same_config(self.best, best["config"], config)
         newer = best["epoch"] > progress["epoch"] and best["val"]["acc"] > progress["best_acc"]
         if best["epoch"] != progress["best_epoch"] and not newer:
             raise CheckpointError(
