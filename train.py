@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from vitexp.config import register_schemas
+from vitexp.groups import register_schemas
 from vitexp.run import main as run_main
 
 register_schemas()

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from vitexp.config import register_schemas
+from vitexp.groups import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -10,6 +10,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitexp.augment import (
     BatchAugment,
+    CutMixConfig,
+    CutoutConfig,
+    MixupConfig,
     box_masks,
     center_crop,
     crop_flip_resize,
@@ -21,7 +24,7 @@ from vitexp.augment import (
     sample_crop_boxes,
     smooth,
 )
-from vitexp.config import CutMixConfig, CutoutConfig, DataConfig, MixupConfig
+from vitexp.config import DataConfig
 
 
 def gen(seed: int = 0) -> torch.Generator:

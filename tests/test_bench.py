@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from vitexp.bench import vit_train_flops
 from vitexp.models import VisionTransformer
@@ -66,4 +68,8 @@ def test_bench_measures_the_cifar10_recipe_as_shipped(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     pattern = r"\| recipe: .* \| ([\d,]+) img/s \+ ([\d.]+) s per epoch .* \| ([\d,]+) img/s .* in ([\d.]+) h \|"
     row = re.search(pattern, out.read_text())
-    assert row and all(float(value.replace(",", "")) >= 0 for value in row.groups())
+    assert row
+    shipped, startup, resident, hours = (float(value.replace(",", "")) for value in row.groups())
+    assert shipped > 0 and resident > 0 and hours > 0 and startup >= 0
+    steps_per_epoch = 50_000 // 128  # CIFAR-10's training images in the recipe's batches of 128
+    assert hours == pytest.approx(200 * (steps_per_epoch * 128 / shipped + startup) / 3600, rel=0.05, abs=0.01)

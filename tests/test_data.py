@@ -23,9 +23,10 @@ from PIL import Image
 from torchvision.datasets import OxfordIIITPet
 
 from tests.conftest import PET_BREEDS, REPO, write_pets_tree
-from vitexp.config import DataConfig
+from vitexp.config import POLICIES, DataConfig
 from vitexp.data import (
     PETS_COMPLETE_MARKER,
+    POLICY_TRANSFORMS,
     DataError,
     EpochOrder,
     PetsImages,
@@ -366,3 +367,7 @@ def test_policy_images_draw_from_their_own_seed_and_leave_the_global_rng_alone()
     assert all(torch.equal(a, policy[item][0]) for a, item in zip(first, items, strict=True))
     index, seed = items[0]
     assert any(not torch.equal(first[0], policy[(index, seed + k)][0]) for k in range(1, 5))  # it does draw
+
+
+def test_every_policy_the_config_allows_has_a_transform() -> None:
+    assert set(POLICY_TRANSFORMS) == set(POLICIES) - {"none"}

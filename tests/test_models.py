@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from torchvision.models import VisionTransformer as TorchvisionViT
 from torchvision.models import resnet18
 
-from vitexp.config import ResNetConfig, ViTConfig
-from vitexp.models import PretrainedWeightsError, VisionTransformer, build_model, count_parameters, param_groups
+from tests.conftest import CONF, REPO
+from vitexp import models
+from vitexp.config import ConfigError, validate
+from vitexp.groups import register_schemas
+from vitexp.models import (
+    MODELS,
+    PretrainedWeightsError,
+    ResNetConfig,
+    VisionTransformer,
+    ViTConfig,
+    build_model,
+    count_parameters,
+    param_groups,
+)
 
 
 def copy_torchvision_vit(tv: TorchvisionViT, ours: VisionTransformer) -> None:
@@ -97,3 +114,62 @@ def test_pretrained_resnet_loads_cached_weights(tmp_path: Path) -> None:
     assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
     assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
     assert model.fc.out_features == 37
+
+
+@pytest.mark.parametrize("option", list(MODELS), ids=lambda option: option.name)
+def test_every_registered_model_keeps_the_model_contract(option) -> None:
+    """What the engine relies on, for any model a contributor registers with its default settings."""
+    torch.manual_seed(0)
+    model = MODELS.build(option.schema(), num_classes=7, img_size=32)
+    images = torch.randn(3, 3, 32, 32)
+    logits = model(images)
+    assert logits.shape == (3, 7)
+    logits.square().mean().backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    names = {id(p): name for name, p in trainable}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    tokens = set(getattr(model, "no_weight_decay", ()))
+    for p in decay["params"]:  # weight matrices and kernels only
+        assert p.ndim > 1 and names[id(p)] not in tokens, names[id(p)]
+    for p in no_decay["params"]:  # norms, biases, tokens, positions
+        assert p.ndim <= 1 or names[id(p)] in tokens, names[id(p)]
+
+    copy = MODELS.build(option.schema(), num_classes=7, img_size=32)
+    copy.load_state_dict(model.state_dict())
+    model.eval()
+    copy.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), copy(images))
+
+
+def test_a_config_of_another_schema_is_refused_not_built_as_the_registered_one() -> None:
+    @dataclass
+    class AttentionResNetConfig(ResNetConfig):  # a new model that forgot to register under its own name
+        attention: str = "classic"
+
+    with pytest.raises(ConfigError, match=r"'resnet18' is built from the schema ResNetConfig, not from Attention"):
+        build_model(AttentionResNetConfig(), num_classes=7, img_size=32)
+
+
+def test_the_readme_example_adds_a_model(tmp_path: Path) -> None:
+    """The README's "Adding a model": its Python and its YAML, as written there, make a working option."""
+    section = (REPO / "README.md").read_text().split("**Adding a model**", 1)[1]
+    python_code, yaml_text = re.findall(r"```(?:python|yaml)\n(.*?)```", section, re.S)[:2]
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "model" / "small_cnn.yaml").write_text(yaml_text)
+    namespace = vars(models).copy()
+    try:
+        exec(python_code, namespace)
+        register_schemas()
+        with initialize_config_dir(config_dir=str(conf), version_base=None):
+            cfg = validate(compose("config", overrides=["model=small_cnn", "model.width=16", "data=digits"]))
+        model = build_model(cfg.model, num_classes=10, img_size=cfg.data.img_size)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10) and model[0].out_channels == 16
+    finally:  # other tests enumerate the registry
+        MODELS.options.pop("small_cnn", None)
+        ConfigStore.instance().repo["schema"]["model"].pop("small_cnn.yaml", None)

@@ -3,17 +3,67 @@
 Everything takes a whole batch and uses tensor ops only (no Python loop over samples on a GPU; on the
 CPU the resize goes image by image, where that is faster), drawing from generators the trainer owns and
 checkpoints, so a resumed run draws the same numbers.
+
+The `aug` group's options are registered in `AUGMENTATIONS` with their schemas; each builds a callable
+`(images, soft_targets) -> (images, soft_targets)` on a normalised batch, as torchvision's reference
+scripts do for RandomMixup and RandomCutmix. A new augmentation is one more registered class.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitexp.config import AugConfig, CutMixConfig, CutoutConfig, DataConfig, MixupConfig
+from vitexp.config import AugConfig, Config, DataConfig, Rule
+from vitexp.registry import Registry
+
+BatchAugmentation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+AUGMENTATIONS: Registry[BatchAugmentation] = Registry("aug")
+
+
+@dataclass
+class CutoutConfig(AugConfig):
+    name: str = "cutout"
+    n_holes: int = 1
+    length: int | None = None  # side of a hole in pixels; None: a quarter of data.img_size
+    p: float = 1.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "n_holes", self.n_holes >= 1, "an integer >= 1"
+        yield "length", self.length is None or self.length >= 1, "an integer >= 1 (pixels) or null"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        size = config.data.img_size
+        if self.length is not None:
+            yield "aug.length", self.length <= size, f"at most data.img_size={size} pixels"
+
+
+@dataclass
+class MixupConfig(AugConfig):
+    name: str = "mixup"
+    alpha: float = 0.2
+    p: float = 1.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+
+@dataclass
+class CutMixConfig(AugConfig):
+    name: str = "cutmix"
+    alpha: float = 1.0
+    p: float = 0.5
+
+    def rules(self) -> Iterator[Rule]:
+        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
 
 
 def sample_crop_boxes(
@@ -157,6 +207,58 @@ def cutmix(
     return mixed, weight * targets + (1 - weight) * targets[perm], lam_true
 
 
+@AUGMENTATIONS.register("none", AugConfig)
+class NoAugmentation:
+    def __init__(self, cfg: AugConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator) -> None:
+        pass
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, targets
+
+
+@AUGMENTATIONS.register("cutout", CutoutConfig)
+class Cutout:
+    """Cutout (DeVries & Taylor 2017) on normalised images, so a hole is the mean colour."""
+
+    def __init__(self, cfg: CutoutConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator) -> None:
+        self.cfg, self.length, self.gen = cfg, cfg.length or img_size // 4, gen
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cutout(images, self.cfg.n_holes, self.length, self.cfg.p, self.gen), targets
+
+
+@AUGMENTATIONS.register("mixup", MixupConfig)
+class Mixup:
+    """Mixup (Zhang et al. 2018): the whole batch mixed with a permutation of itself by one lambda."""
+
+    def __init__(self, cfg: MixupConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator) -> None:
+        self.cfg, self.gen, self.np_rng = cfg, gen, np_rng
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        perm = torch.randperm(images.shape[0], device=images.device, generator=self.gen)
+        alpha = self.cfg.alpha
+        lam = float(self.np_rng.beta(alpha, alpha)) if self.np_rng.random() < self.cfg.p else 1.0
+        return mixup(images, targets, lam, perm)
+
+
+@AUGMENTATIONS.register("cutmix", CutMixConfig)
+class CutMix:
+    """CutMix (Yun et al. 2019): per sample, with probability p, a box pasted from a partner image."""
+
+    def __init__(self, cfg: CutMixConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator) -> None:
+        self.cfg, self.gen, self.np_rng = cfg, gen, np_rng
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, device = images.shape[0], images.device
+        perm = torch.randperm(n, device=device, generator=self.gen)
+        lam = torch.from_numpy(self.np_rng.beta(self.cfg.alpha, self.cfg.alpha, size=n)).float()
+        if images.is_cuda:  # from pinned memory the copy does not wait for the GPU
+            lam = lam.pin_memory().to(device, non_blocking=True)
+        applied = torch.rand(n, device=device, generator=self.gen) < self.cfg.p
+        mixed, targets, _ = cutmix(images, targets, lam, applied, perm, self.gen)
+        return mixed, targets
+
+
 def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Label smoothing on a (possibly mixed) soft target: y' = y (1 - eps) + eps / K."""
     return targets * (1 - epsilon) + epsilon / targets.shape[-1]
@@ -172,9 +274,10 @@ class BatchAugment:
     def __init__(
         self, data: DataConfig, aug: AugConfig, num_classes: int, smoothing: float, device: torch.device, seed: int
     ) -> None:
-        self.data, self.aug, self.num_classes, self.smoothing = data, aug, num_classes, smoothing
+        self.data, self.num_classes, self.smoothing = data, num_classes, smoothing
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.np_rng = np.random.default_rng(seed)
+        self.augmentation = AUGMENTATIONS.build(aug, data.img_size, self.gen, self.np_rng)
         std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
         self.scale = 1 / std  # (x - mean) / std as x * scale + shift: two in-place passes over a fresh copy
         self.shift = -torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255 / std
@@ -193,21 +296,7 @@ class BatchAugment:
         boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
         flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
         x = self.normalize(crop_flip_resize(images, boxes, flip, self.data.img_size))  # normalise fewer pixels
-        y = F.one_hot(labels, self.num_classes).float()
-        aug = self.aug
-        if isinstance(aug, CutoutConfig):
-            x = cutout(x, aug.n_holes, aug.length or self.data.img_size // 4, aug.p, self.gen)
-        elif isinstance(aug, MixupConfig):
-            perm = torch.randperm(n, device=images.device, generator=self.gen)
-            lam = float(self.np_rng.beta(aug.alpha, aug.alpha)) if self.np_rng.random() < aug.p else 1.0
-            x, y = mixup(x, y, lam, perm)
-        elif isinstance(aug, CutMixConfig):
-            perm = torch.randperm(n, device=images.device, generator=self.gen)
-            lam = torch.from_numpy(self.np_rng.beta(aug.alpha, aug.alpha, size=n)).float()
-            if images.is_cuda:  # from pinned memory the copy does not wait for the GPU
-                lam = lam.pin_memory().to(images.device, non_blocking=True)
-            applied = torch.rand(n, device=images.device, generator=self.gen) < aug.p
-            x, y, _ = cutmix(x, y, lam, applied, perm, self.gen)
+        x, y = self.augmentation(x, F.one_hot(labels, self.num_classes).float())
         return x, smooth(y, self.smoothing)
 
     def state_dict(self) -> dict:

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitexp.augment import BatchAugment
-from vitexp.config import AugConfig, DataConfig, ViTConfig, register_schemas
+from vitexp.config import AugConfig, DataConfig
 from vitexp.data import DeviceData, EpochOrder, PetsImages, cached
+from vitexp.groups import register_schemas
 from vitexp.metrics import DataWait
-from vitexp.models import VisionTransformer, build_model, count_parameters
+from vitexp.models import VisionTransformer, ViTConfig, build_model, count_parameters
 
 Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
 

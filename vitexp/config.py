@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+GROUPS = ("model", "aug", "data", "optim", "sched", "logger")  # the groups with options in conf/<group>/
+
 
 class ConfigError(ValueError):
     """A config value is out of its allowed range; the message names the key."""
@@ -29,89 +31,39 @@ Rule = tuple[str, bool, str]  # (field name, holds?, what is allowed)
 
 
 @dataclass
-class ModelConfig:
-    name: str = MISSING
+class GroupConfig:
+    """The base of every group option's schema: the option's `name`, its own ranges and cross-group rules."""
 
     def rules(self) -> Iterator[Rule]:
+        """This option's own ranges, keys relative to the group (`patch_size`)."""
+        yield from ()
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        """Rules that involve other groups, full keys (`data.img_size`); checked after every group's ranges."""
         yield from ()
 
 
 @dataclass
-class ViTConfig(ModelConfig):
-    name: str = "vit"
-    patch_size: int = 16
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
+class ModelConfig(GroupConfig):
+    """A model option (the schemas live with their builders in `vitexp.models`)."""
 
-    def rules(self) -> Iterator[Rule]:
-        yield "patch_size", self.patch_size >= 1, "an integer >= 1 that divides data.img_size"
-        yield "dim", self.dim >= 1, "an integer >= 1 divisible by model.heads"
-        yield "depth", self.depth >= 1, "an integer >= 1"
-        yield "heads", self.heads >= 1 and self.dim % self.heads == 0, f"an integer >= 1 dividing model.dim={self.dim}"
-        yield "mlp_ratio", self.mlp_ratio > 0, "a float > 0"
-        yield "dropout", 0 <= self.dropout < 1, "a float in [0, 1)"
+    name: str = MISSING
 
 
 @dataclass
-class ResNetConfig(ModelConfig):
-    name: str = "resnet18"
-    pretrained: bool = False
-
-
-@dataclass
-class AugConfig:
-    """Batch-level augmentation applied on the training device after crop/flip and normalisation."""
+class AugConfig(GroupConfig):
+    """A batch augmentation (options in `vitexp.augment`); this schema itself is the option `none`."""
 
     name: str = "none"
 
-    def rules(self) -> Iterator[Rule]:
-        yield "name", self.name == "none", "none, cutout, mixup or cutmix"
 
-
-@dataclass
-class CutoutConfig(AugConfig):
-    name: str = "cutout"
-    n_holes: int = 1
-    length: int | None = None  # side of a hole in pixels; None: a quarter of data.img_size
-    p: float = 1.0
-
-    def rules(self) -> Iterator[Rule]:
-        yield "n_holes", self.n_holes >= 1, "an integer >= 1"
-        yield "length", self.length is None or self.length >= 1, "an integer >= 1 (pixels) or null"
-        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
-
-
-@dataclass
-class MixupConfig(AugConfig):
-    name: str = "mixup"
-    alpha: float = 0.2
-    p: float = 1.0
-
-    def rules(self) -> Iterator[Rule]:
-        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
-        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
-
-
-@dataclass
-class CutMixConfig(AugConfig):
-    name: str = "cutmix"
-    alpha: float = 1.0
-    p: float = 0.5
-
-    def rules(self) -> Iterator[Rule]:
-        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
-        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
-
-
-DATASETS = ("pets", "digits", "cifar10", "fmnist", "synthetic")
 POLICIES = ("none", "autoaugment", "trivialaugment", "randaugment")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(GroupConfig):
+    """The schema of every dataset option (loaders in `vitexp.data`)."""
+
     name: str = "pets"
     root: str = "data"
     download: bool = True
@@ -133,7 +85,6 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
     def rules(self) -> Iterator[Rule]:
-        yield "name", self.name in DATASETS, f"one of {', '.join(DATASETS)}"
         yield "img_size", self.img_size >= 8, "an integer >= 8"
         yield "on_device", self.on_device.lower() in ("auto", "true", "false"), "auto, true or false"
         yield "policy", self.policy in POLICIES, f"one of {', '.join(POLICIES)}"
@@ -161,7 +112,9 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(GroupConfig):
+    """An optimizer option (the schemas live with their builders in `vitexp.optim`)."""
+
     name: str = MISSING
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -172,52 +125,28 @@ class OptimConfig:
 
 
 @dataclass
-class AdamWConfig(OptimConfig):
-    name: str = "adamw"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+class SchedConfig(GroupConfig):
+    """The schema of every learning-rate schedule option (builders in `vitexp.optim`)."""
 
-    def rules(self) -> Iterator[Rule]:
-        yield from super().rules()
-        yield "betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "[beta1, beta2] in [0, 1)"
-        yield "eps", self.eps > 0, "a float > 0"
-
-
-@dataclass
-class SGDConfig(OptimConfig):
-    name: str = "sgd"
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-
-    def rules(self) -> Iterator[Rule]:
-        yield from super().rules()
-        yield "momentum", 0 <= self.momentum < 1, "a float in [0, 1)"
-        yield (
-            "nesterov",
-            not (self.nesterov and self.momentum == 0),
-            "false with optim.momentum=0 (Nesterov needs momentum)",
-        )
-
-
-@dataclass
-class SchedConfig:
     name: str = "cosine"
     warmup_epochs: float = 5.0
     min_lr: float = 1e-5
 
     def rules(self) -> Iterator[Rule]:
-        yield "name", self.name in ("cosine", "none"), "cosine or none"
         yield "warmup_epochs", self.warmup_epochs >= 0, "a float >= 0"
         yield "min_lr", self.min_lr >= 0, "a float >= 0"
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        if self.name == "cosine":
+            lr = config.optim.lr
+            yield "sched.min_lr", self.min_lr <= lr, f"at most optim.lr={lr:g} (the cosine decays down to it)"
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(GroupConfig):
     epochs: int = 30
     device: str = "auto"  # auto picks cuda when available
     precision: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
@@ -244,7 +173,9 @@ class TrainerConfig:
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(GroupConfig):
+    """The schema of every logger option (`vitexp.logger`)."""
+
     name: str = "none"
     project: str = "vitexp"
     entity: str | None = None
@@ -254,7 +185,6 @@ class LoggerConfig:
     init_timeout: float = 30.0
 
     def rules(self) -> Iterator[Rule]:
-        yield "name", self.name in ("wandb", "none"), "wandb or none"
         yield "mode", self.mode in ("online", "offline", "disabled"), "online, offline or disabled"
         yield "init_timeout", self.init_timeout > 0, "seconds > 0"
 
@@ -277,15 +207,8 @@ class Config:
         yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
         yield "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"
         yield "data.split_seed", 0 <= self.data.split_seed < 2**32, "an integer in [0, 2**32)"
-        size, model = self.data.img_size, self.model
-        if isinstance(model, ViTConfig):
-            yield "data.img_size", size >= model.patch_size, f"at least model.patch_size={model.patch_size} (one patch)"
-            yield "model.patch_size", size % model.patch_size == 0, f"a divisor of data.img_size={size}"
-        if isinstance(self.aug, CutoutConfig) and self.aug.length is not None:
-            yield "aug.length", self.aug.length <= size, f"at most data.img_size={size} pixels"
-        if self.sched.name == "cosine":
-            lr = self.optim.lr
-            yield "sched.min_lr", self.sched.min_lr <= lr, f"at most optim.lr={lr:g} (the cosine decays down to it)"
+        for group in (*GROUPS, "trainer"):
+            yield from getattr(self, group).rules_in(self)
 
     def warnings(self) -> Iterator[str]:
         """Legal but probably unintended settings: worth a line in the log, not a refusal."""
@@ -297,23 +220,23 @@ class Config:
             )
 
 
-SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"vit": ViTConfig, "resnet18": ResNetConfig},
-    "aug": {"none": AugConfig, "cutout": CutoutConfig, "mixup": MixupConfig, "cutmix": CutMixConfig},
-    "data": {"data": DataConfig},
-    "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
-    "sched": {"sched": SchedConfig},
-    "logger": {"logger": LoggerConfig},
-}
+def registered_options(group: str) -> dict[str, type]:
+    """A group's option names and schemas, as `vitexp.groups.register_schemas` stored them for Hydra."""
+    stored = ConfigStore.instance().repo.get("schema", {}).get(group, {})
+    return {name.removesuffix(".yaml"): OmegaConf.get_type(node.node) for name, node in stored.items()}
 
 
-def register_schemas() -> None:
-    """Store the schemas so `conf/<group>/*.yaml` can extend them (`defaults: [/schema/<group>/<name>@_here_]`)."""
-    store = ConfigStore.instance()
-    store.store(name="schema", node=Config)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            store.store(group=f"schema/{group}", name=name, node=node)
+def check_options(typed: Config) -> None:
+    """Every group's `name` must be a registered option, configured with that option's own schema."""
+    for group in GROUPS:
+        node, options = getattr(typed, group), registered_options(group)
+        if node.name not in options:
+            raise ConfigError(f"{group}.name={node.name!r} is not allowed: expected one of {', '.join(options)}")
+        if type(node) is not options[node.name]:
+            raise ConfigError(
+                f"{group}.name={node.name!r} has the schema {options[node.name].__name__}, not "
+                f"{type(node).__name__}: register the new schema under a name of its own"
+            )
 
 
 def _format(value: Any) -> str:
@@ -347,9 +270,8 @@ def _suggestion(key: str, schema: type, known: list[str]) -> str:
     close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(schema)], n=1, cutoff=0.6)
     if close:
         return f"did you mean {prefix}{close[0]}?"
-    owners = [
-        name for name, option in SCHEMAS.get(group, {}).items() if leaf in {f.name for f in dataclasses.fields(option)}
-    ]
+    options = registered_options(group)
+    owners = [name for name, option in options.items() if leaf in {f.name for f in dataclasses.fields(option)}]
     if owners:
         return f"only {' or '.join(f'{group}={o}' for o in owners)} has it, e.g. {group}={owners[0]} {key}=..."
     leaves = {k.rpartition(".")[2]: k for k in reversed(known)}
@@ -377,6 +299,7 @@ def validate(cfg: DictConfig) -> Config:
     """
     check_known_keys(cfg)
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_options(typed)
     groups = [(f"{f.name}.", getattr(typed, f.name)) for f in dataclasses.fields(typed)]
     for prefix, node in [*groups, ("", typed)]:
         if not hasattr(node, "rules"):

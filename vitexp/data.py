@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vitexp.checkpoint import atomic_write
 from vitexp.config import DataConfig
+from vitexp.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class Splits:
     test: Dataset
     num_classes: int
     class_names: Sequence[str]
+
+
+DATASETS: Registry[Splits] = Registry("data")  # every dataset option shares DataConfig; a loader each
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -383,6 +387,7 @@ def _cache_dir(cfg: DataConfig) -> Path | None:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
 
 
+@DATASETS.register("pets", DataConfig)
 def load_pets(cfg: DataConfig) -> Splits:
     root = Path(cfg.root).expanduser()
     base = prepare_pets(root, cfg.download, _cache_dir(cfg))
@@ -409,6 +414,8 @@ def to_stored(images: torch.Tensor, size: int) -> torch.Tensor:
     return images.contiguous()
 
 
+@DATASETS.register("cifar10", DataConfig)
+@DATASETS.register("fmnist", DataConfig)
 def load_torchvision_arrays(cfg: DataConfig) -> Splits:
     """CIFAR-10 and Fashion-MNIST: torchvision's classes hold the whole split in memory already."""
     from torchvision.datasets import CIFAR10, FashionMNIST
@@ -436,6 +443,7 @@ def load_torchvision_arrays(cfg: DataConfig) -> Splits:
 SYNTHETIC_IMAGES, SYNTHETIC_CLASSES = 4096, 10
 
 
+@DATASETS.register("synthetic", DataConfig)
 def load_synthetic(cfg: DataConfig) -> Splits:
     """Random images for benchmarks and smoke tests: real shapes, no files, nothing to learn."""
     generator = torch.Generator().manual_seed(cfg.split_seed)
@@ -454,6 +462,7 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 12345  # fixed: the test set must not move with data.split_seed
 
 
+@DATASETS.register("digits", DataConfig)
 def load_digits_splits(cfg: DataConfig) -> Splits:
     """scikit-learn's 8x8 digits, scaled to uint8 and upsampled to the stored size, as three channels."""
     from sklearn.datasets import load_digits
@@ -475,14 +484,8 @@ def load_digits_splits(cfg: DataConfig) -> Splits:
 
 
 def build_splits(cfg: DataConfig) -> Splits:
-    loaders = {
-        "pets": load_pets,
-        "digits": load_digits_splits,
-        "cifar10": load_torchvision_arrays,
-        "fmnist": load_torchvision_arrays,
-        "synthetic": load_synthetic,
-    }
-    return loaders[cfg.name](cfg)
+    """The registered dataset `cfg.name`, as its three splits."""
+    return DATASETS.build(cfg)
 
 
 class EpochOrder(Sampler[int]):
@@ -544,7 +547,7 @@ class DeviceData:
         return self.images.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
 
 
-POLICIES = {
+POLICY_TRANSFORMS = {  # by the names of config.POLICIES
     "autoaugment": lambda name: v2.AutoAugment(
         v2.AutoAugmentPolicy.CIFAR10 if name == "cifar10" else v2.AutoAugmentPolicy.IMAGENET
     ),
@@ -562,7 +565,7 @@ class PolicyImages(Dataset):
     """
 
     def __init__(self, dataset: Dataset, policy: str, dataset_name: str) -> None:
-        self.dataset, self.transform = dataset, POLICIES[policy](dataset_name)
+        self.dataset, self.transform = dataset, POLICY_TRANSFORMS[policy](dataset_name)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -29,7 +29,8 @@ from vitexp.config import Config, ConfigError, DataConfig, config_hash
 from vitexp.data import DeviceData, EpochOrder, PolicyImages, SampleSeeds, Splits, build_splits, make_loader
 from vitexp.logger import METRICS_FILE, RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import DataWait, EvalMeter, RunningMeans
-from vitexp.models import build_model, count_parameters, param_groups
+from vitexp.models import build_model, count_parameters
+from vitexp.optim import OPTIMIZERS, build_schedule
 
 log = logging.getLogger("vitexp")
 
@@ -108,14 +109,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class Trainer:
     """One run in one directory: `fit()` trains (from a checkpoint's state if given), tests, writes results."""
 
@@ -170,13 +163,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
         self.params = count_parameters(self.model)
 
-        self.optimizer = self._build_optimizer()
-        total = self.steps_per_epoch * cfg.trainer.epochs
-        warmup = round(cfg.sched.warmup_epochs * self.steps_per_epoch) if cfg.sched.name == "cosine" else 0
-        min_ratio = cfg.sched.min_lr / cfg.optim.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            (lambda s: lr_factor(s, warmup, total, min_ratio)) if cfg.sched.name == "cosine" else (lambda s: 1.0),
+        self.optimizer = OPTIMIZERS.build(cfg.optim, self.model)
+        self.scheduler = build_schedule(
+            cfg.sched, self.optimizer, cfg.optim.lr, self.steps_per_epoch, cfg.trainer.epochs
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
@@ -184,18 +173,6 @@ class Trainer:
         self.data_wait = DataWait()
         self.progress = Progress()
         self.stop_requested = False  # honoured at the next step boundary
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """Fused AdamW/SGD (CPU and CUDA): one kernel per step that can also skip a non-finite step on the device."""
-        optim = self.cfg.optim
-        groups = param_groups(self.model, optim.weight_decay)
-        if optim.name == "adamw":
-            return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
-        sgd = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
-        if optim.momentum:  # fused SGD leaves a buffer it creates on a skipped first step uninitialised
-            for param in self.model.parameters():
-                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
-        return sgd
 
     # --- checkpoints -------------------------------------------------------------------------------
     @property
@@ -483,6 +460,7 @@ class Trainer:
             "data_wait": mean_of(rows, "data_wait"),
             "train_img_per_s": progress.train_images / progress.train_seconds if progress.train_seconds else None,
             "nonfinite_steps": progress.nonfinite_total,
+            "classes": list(self.splits.class_names),  # label id -> name
             "choices": self.choices,
             "smoothing": self.cfg.smoothing,
             "seed": self.cfg.seed,

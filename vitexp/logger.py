@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from vitexp.checkpoint import atomic_write
 from vitexp.config import LoggerConfig
+from vitexp.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,12 @@ def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
     """The W&B group of a sweep: its name(s) and start time, e.g. `aug_smoothing-2026-11-23-12-00-00`."""
     name = str(hydra_cfg.runtime.choices.get("sweep") or "sweep").strip("[]").replace(",", "+").replace(" ", "")
     return f"{name}-{'-'.join(sweep_dir.parts[-2:])}"
+
+
+# The logger options; both are RunLogger for now, which writes the files always and W&B for `wandb`.
+LOGGERS: Registry[RunLogger] = Registry("logger")
+LOGGERS.register("wandb", LoggerConfig)(RunLogger)
+LOGGERS.register("none", LoggerConfig)(RunLogger)
 
 
 def has_wandb_credentials() -> bool:

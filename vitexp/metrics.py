@@ -38,7 +38,7 @@ def eval_metrics(num_classes: int) -> MetricCollection:
 
 
 class EvalMeter:
-    """Accumulates logits/labels of an evaluation pass; `compute` returns plain floats, one sync."""
+    """Accumulates logits/labels of an evaluation pass; `compute` returns plain floats."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.metrics = eval_metrics(num_classes).to(device)
@@ -53,10 +53,12 @@ class EvalMeter:
         self.confidence.update(probs.max(dim=-1).values)
 
     def compute(self) -> dict[str, float]:
-        values = {name: float(value) for name, value in self.metrics.compute().items()}
-        values["loss"] = float(self.nll.compute())  # plain CE on hard labels: comparable across smoothing
-        values["confidence"] = float(self.confidence.compute())
-        return values
+        """Every metric as a float, read from the device in one transfer."""
+        values = self.metrics.compute()
+        values["loss"] = self.nll.compute()  # plain CE on hard labels: comparable across smoothing
+        values["confidence"] = self.confidence.compute()
+        numbers = torch.stack([value.float() for value in values.values()]).tolist()
+        return dict(zip(values, numbers, strict=True))
 
 
 class RunningMeans:

@@ -1,13 +1,53 @@
-"""The models: a Vision Transformer written here, and torchvision's ResNet-18."""
+"""The models: a Vision Transformer written here, and torchvision's ResNet-18.
+
+Each model option is a schema and a builder registered together in `MODELS`; a new model is one more
+`@MODELS.register(name, Schema)` function (and its `conf/model/<name>.yaml`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from vitexp.config import ModelConfig, ResNetConfig, ViTConfig
+from vitexp.config import Config, ModelConfig, Rule
+from vitexp.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+@dataclass
+class ViTConfig(ModelConfig):
+    name: str = "vit"
+    patch_size: int = 16
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def rules(self) -> Iterator[Rule]:
+        yield "patch_size", self.patch_size >= 1, "an integer >= 1 that divides data.img_size"
+        yield "dim", self.dim >= 1, "an integer >= 1 divisible by model.heads"
+        yield "depth", self.depth >= 1, "an integer >= 1"
+        yield "heads", self.heads >= 1 and self.dim % self.heads == 0, f"an integer >= 1 dividing model.dim={self.dim}"
+        yield "mlp_ratio", self.mlp_ratio > 0, "a float > 0"
+        yield "dropout", 0 <= self.dropout < 1, "a float in [0, 1)"
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        size = config.data.img_size
+        yield "data.img_size", size >= self.patch_size, f"at least model.patch_size={self.patch_size} (one patch)"
+        yield "model.patch_size", size % self.patch_size == 0, f"a divisor of data.img_size={size}"
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    name: str = "resnet18"
+    pretrained: bool = False
 
 
 class Attention(nn.Module):
@@ -98,7 +138,15 @@ class PretrainedWeightsError(RuntimeError):
     """Pretrained weights could not be loaded; the message says where to put the cached file."""
 
 
-def build_resnet18(cfg: ResNetConfig, num_classes: int) -> nn.Module:
+@MODELS.register("vit", ViTConfig)
+def build_vit(cfg: ViTConfig, num_classes: int, img_size: int) -> nn.Module:
+    return VisionTransformer(
+        img_size, cfg.patch_size, num_classes, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout
+    )
+
+
+@MODELS.register("resnet18", ResNetConfig)
+def build_resnet18(cfg: ResNetConfig, num_classes: int, img_size: int) -> nn.Module:
     model = resnet18(num_classes=1000 if cfg.pretrained else num_classes)
     if cfg.pretrained:
         weights = ResNet18_Weights.IMAGENET1K_V1
@@ -115,13 +163,8 @@ def build_resnet18(cfg: ResNetConfig, num_classes: int) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
-    if isinstance(cfg, ViTConfig):
-        return VisionTransformer(
-            img_size, cfg.patch_size, num_classes, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout
-        )
-    if isinstance(cfg, ResNetConfig):
-        return build_resnet18(cfg, num_classes)
-    raise ValueError(f"unknown model {cfg.name!r}")
+    """The registered model `cfg.name`, with `num_classes` outputs for `img_size` square images."""
+    return MODELS.build(cfg, num_classes, img_size)
 
 
 def count_parameters(model: nn.Module) -> int:

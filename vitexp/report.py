@@ -18,8 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.jobs import Job, expand_jobs, failure_line, job_state, varying_keys
 from vitexp.logger import METRICS_FILE, RESULTS_FILE, read_jsonl
-from vitexp.sweep import Job, expand_jobs, failure_line, job_state, varying_keys
 
 METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("loss", "NLL"))
 

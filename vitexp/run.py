@@ -23,7 +23,7 @@ from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_co
 from vitexp.config import Config, ConfigError, validate
 from vitexp.data import DataError
 from vitexp.engine import NonFiniteError, Trainer
-from vitexp.logger import MetricsFileError, RunLogger, sweep_group
+from vitexp.logger import LOGGERS, MetricsFileError, sweep_group
 from vitexp.models import PretrainedWeightsError
 from vitexp.rundir import RunConflictError, RunDir
 
@@ -92,7 +92,7 @@ def _train(
     logger_cfg = typed.logger
     if logger_cfg.group is None and identity.group:
         logger_cfg.group = identity.group
-    logger = RunLogger(
+    logger = LOGGERS.build(
         logger_cfg, directory.path, wandb_config, name=name, job_type=choices.get("model", typed.model.name)
     )
     try:

@@ -7,68 +7,21 @@ failures (`failed.json`) instead of raising, so every job runs and `on_multirun_
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.checkpoint import LAST_FILE
 from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import config_diff, config_hash, semantic_config, validate
-from vitexp.logger import RESULTS_FILE
-from vitexp.rundir import FAILED_FILE, HYDRA_DIR, LOCK_FILE
+from vitexp.jobs import Job, expand_jobs, failure_line, job_state, varying_keys
+from vitexp.report import sweep_defaults, write_report
+from vitexp.rundir import HYDRA_DIR
 
 log = logging.getLogger("vitexp")
-
-
-@dataclass
-class Job:
-    number: int
-    overrides: list[str]
-    directory: Path
-
-    def varying(self, keys: set[str]) -> list[str]:
-        """This job's overrides of `keys`: what tells it apart from the other jobs of its grid."""
-        return [o for o in self.overrides if o.lstrip("+~").partition("=")[0] in keys]
-
-
-def expand_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job]:
-    """The jobs Hydra's basic sweeper will launch, in its order (so job numbers and directories match)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg.overrides.task))
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [Job(n, list(overrides), sweep_dir / str(n)) for n, overrides in enumerate(batches[0] if batches else [])]
-
-
-def varying_keys(jobs: list[Job]) -> set[str]:
-    """Override keys whose value differs between jobs: what tells the jobs of a grid apart."""
-    values = [dict(o.lstrip("+~").partition("=")[::2] for o in job.overrides) for job in jobs]
-    keys = {key for v in values for key in v}
-    return {key for key in keys if len({v.get(key) for v in values}) > 1}
-
-
-def job_state(job: Job) -> str:
-    """done, failed, running, started (a checkpoint, no process) or new."""
-    if (job.directory / RESULTS_FILE).exists():
-        return "done"
-    if (job.directory / FAILED_FILE).exists():
-        return "failed"
-    if (job.directory / LOCK_FILE).exists():
-        try:
-            with FileLock(str(job.directory / LOCK_FILE), timeout=0):
-                pass
-        except Timeout:
-            return "running"
-    return "started" if (job.directory / LAST_FILE).exists() else "new"
 
 
 def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
@@ -141,8 +94,6 @@ class SweepCallback(Callback):
             self.stop = StopSignals().__enter__()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from vitexp.report import sweep_defaults, write_report
-
         stopped_by = None
         if self.stop is not None:  # the jobs are over: a signal from here on ends the process as usual
             stopped_by = self.stop.requested
@@ -165,14 +116,3 @@ class SweepCallback(Callback):
             print(f"  {resume_command('hydra.sweep.dir', sweep_dir)}", file=sys.stderr)
             sys.exit(EXIT_STOPPED)
         sys.exit(1)
-
-
-def failure_line(job: Job) -> str:
-    path = job.directory / FAILED_FILE
-    if path.exists():
-        return json.loads(path.read_text())["error"]
-    return {
-        "new": "not started",
-        "started": "no result; last.pt holds its progress, a relaunch resumes it",
-        "running": "still running in another process",
-    }.get(job_state(job), f"no result ({job_state(job)})")

@@ -1,0 +1,31 @@
+"""Every config group's registry, and the schemas Hydra composes `conf/` against.
+
+Importing this module imports every group module, which registers its options; a group module added
+later is one more line in `REGISTRIES`.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from vitexp import augment, data, logger, models, optim
+from vitexp.config import Config
+from vitexp.registry import Registry
+
+REGISTRIES: tuple[Registry, ...] = (
+    models.MODELS,
+    augment.AUGMENTATIONS,
+    data.DATASETS,
+    optim.OPTIMIZERS,
+    optim.SCHEDULES,
+    logger.LOGGERS,
+)
+
+
+def register_schemas() -> None:
+    """Store the schemas so `conf/<group>/<option>.yaml` can extend them (`/schema/<group>/<option>@_here_`)."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for registry in REGISTRIES:
+        for option in registry:
+            store.store(group=f"schema/{registry.group}", name=option.name, node=option.schema)

@@ -1,0 +1,93 @@
+"""Optimizers and learning-rate schedules: the `optim` and `sched` groups' options and their builders.
+
+Both optimizers are fused (CPU and CUDA): one kernel per step that can also skip a non-finite step on
+the device (`found_inf`), so the training loop never waits for the GPU. A schedule is a per-step factor
+of `optim.lr` (LambdaLR), counted in optimizer steps, skipped ones included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vitexp.config import OptimConfig, Rule, SchedConfig
+from vitexp.models import param_groups
+from vitexp.registry import Registry
+
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optim")
+SCHEDULES: Registry[Callable[[int], float]] = Registry("sched")
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    name: str = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "[beta1, beta2] in [0, 1)"
+        yield "eps", self.eps > 0, "a float > 0"
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "momentum", 0 <= self.momentum < 1, "a float in [0, 1)"
+        yield (
+            "nesterov",
+            not (self.nesterov and self.momentum == 0),
+            "false with optim.momentum=0 (Nesterov needs momentum)",
+        )
+
+
+@OPTIMIZERS.register("adamw", AdamWConfig)
+def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+
+
+@OPTIMIZERS.register("sgd", SGDConfig)
+def build_sgd(cfg: SGDConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.momentum:  # fused SGD leaves a buffer it creates on a skipped first step uninitialised
+        for param in model.parameters():
+            sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return sgd
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@SCHEDULES.register("cosine", SchedConfig)
+def cosine(cfg: SchedConfig, lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return lambda step: lr_factor(step, warmup, steps_per_epoch * epochs, cfg.min_lr / lr)
+
+
+@SCHEDULES.register("none", SchedConfig)
+def constant(cfg: SchedConfig, lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    return lambda step: 1.0
+
+
+def build_schedule(
+    cfg: SchedConfig, optimizer: torch.optim.Optimizer, lr: float, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.build(cfg, lr, steps_per_epoch, epochs))
