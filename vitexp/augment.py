@@ -45,9 +45,10 @@ class CutoutConfig(AugConfig):
 
 
 @dataclass
-class MixupConfig(AugConfig):
-    name: str = "mixup"
-    alpha: float = 0.2
+class MixConfig(AugConfig):
+    """Mixup and CutMix: a mixing weight drawn from Beta(alpha, alpha), applied with probability p."""
+
+    alpha: float = 1.0
     p: float = 1.0
 
     def rules(self) -> Iterator[Rule]:
@@ -56,14 +57,15 @@ class MixupConfig(AugConfig):
 
 
 @dataclass
-class CutMixConfig(AugConfig):
-    name: str = "cutmix"
-    alpha: float = 1.0
-    p: float = 0.5
+class MixupConfig(MixConfig):
+    name: str = "mixup"
+    alpha: float = 0.2
 
-    def rules(self) -> Iterator[Rule]:
-        yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"
-        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+@dataclass
+class CutMixConfig(MixConfig):
+    name: str = "cutmix"
+    p: float = 0.5
 
 
 def sample_crop_boxes(
