@@ -24,18 +24,10 @@ from torchvision.datasets import OxfordIIITPet
 
 from tests.conftest import PET_BREEDS, REPO, write_pets_tree
 from vitexp.config import POLICIES, DataConfig
-from vitexp.data import (
-    PETS_COMPLETE_MARKER,
-    POLICY_TRANSFORMS,
-    DataError,
-    EpochOrder,
-    PetsImages,
-    PolicyImages,
-    SampleSeeds,
-    build_splits,
-    prepare_pets,
-    stratified_split,
-)
+from vitexp.data import build_splits
+from vitexp.feed import POLICY_TRANSFORMS, EpochOrder, PolicyImages, SampleSeeds
+from vitexp.pets import PETS_COMPLETE_MARKER, PetsImages, prepare_pets
+from vitexp.splits import DataError, stratified_split
 
 
 def pets_cfg(root: Path, **overrides) -> DataConfig:

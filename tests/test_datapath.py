@@ -13,7 +13,7 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from tests.conftest import TINY
-from vitexp import checkpoint, data, run
+from vitexp import checkpoint, feed, pets, run
 from vitexp.config import DataConfig, validate
 from vitexp.data import build_splits
 from vitexp.models import count_parameters
@@ -43,7 +43,7 @@ def test_cache_is_built_once_and_equals_decoding(pets_root: Path, monkeypatch) -
     def no_decoding(*args, **kwargs):
         raise AssertionError("a valid cache must not be decoded again")
 
-    monkeypatch.setattr(data, "decode_all", no_decoding)
+    monkeypatch.setattr(pets, "decode_all", no_decoding)
     again = build_splits(pets_cfg(pets_root))
     assert torch.equal(again.train.tensors[0], cached.train.tensors[0])
 
@@ -61,14 +61,14 @@ def test_a_new_size_makes_a_new_cache_and_a_corrupt_one_is_rebuilt(pets_root: Pa
 
 
 def _load(root: str, log_path: str) -> None:
-    original = data.decode_all
+    original = pets.decode_all
 
     def logged(*args, **kwargs):
         with open(log_path, "a") as log:
             log.write("decode\n")
         return original(*args, **kwargs)
 
-    data.decode_all = logged
+    pets.decode_all = logged
     build_splits(pets_cfg(Path(root)))
 
 
@@ -186,7 +186,7 @@ def test_device_batches_and_dataloader_batches_train_identically(make_cfg, tmp_p
 def test_device_data_serves_the_permutation_in_order() -> None:
     images = torch.randint(0, 256, (10, 3, 6, 5), dtype=torch.uint8)
     labels = torch.arange(10)
-    resident = data.DeviceData(torch.utils.data.TensorDataset(images, labels), torch.device("cpu"))
+    resident = feed.DeviceData(torch.utils.data.TensorDataset(images, labels), torch.device("cpu"))
     order = torch.randperm(10)
     served = list(resident.batches(4, order))
     assert [len(y) for _, y in served] == [4, 4, 2]

@@ -9,7 +9,8 @@ from tests.conftest import REPO
 # Lowest first. A module may import its own layer and the ones below, never one above.
 LAYERS = [
     {"config", "registry", "checkpoint", "cluster", "metrics"},  # foundations: no vitexp imports but these
-    {"models", "augment", "data", "logger"},  # the groups' options
+    {"splits"},  # what every dataset loader returns and shares
+    {"models", "augment", "pets", "data", "feed", "logger"},  # the groups' options; how batches are fed
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
     {"rundir"},  # a run directory's files and checks

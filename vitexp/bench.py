@@ -30,10 +30,11 @@ from PIL import Image
 
 from vitexp.augment import BatchAugment
 from vitexp.config import AugConfig, DataConfig
-from vitexp.data import DeviceData, EpochOrder, PetsImages, cached
+from vitexp.feed import DeviceData, EpochOrder
 from vitexp.groups import register_schemas
 from vitexp.metrics import DataWait
 from vitexp.models import VisionTransformer, ViTConfig, build_model, count_parameters
+from vitexp.pets import PetsImages, cached
 
 Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
 

@@ -26,11 +26,13 @@ from vitexp import checkpoint
 from vitexp.augment import BatchAugment
 from vitexp.cluster import StopSignals
 from vitexp.config import Config, ConfigError, DataConfig, config_hash
-from vitexp.data import DeviceData, EpochOrder, PolicyImages, SampleSeeds, Splits, build_splits, make_loader
+from vitexp.data import build_splits
+from vitexp.feed import DeviceData, EpochOrder, PolicyImages, SampleSeeds, make_loader
 from vitexp.logger import METRICS_FILE, RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import DataWait, EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters
 from vitexp.optim import OPTIMIZERS, build_schedule
+from vitexp.splits import Splits
 
 log = logging.getLogger("vitexp")
 

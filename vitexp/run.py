@@ -21,11 +21,11 @@ from submitit.core.utils import UncompletedJobError
 from vitexp.checkpoint import CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import Config, ConfigError, validate
-from vitexp.data import DataError
 from vitexp.engine import NonFiniteError, Trainer
 from vitexp.logger import LOGGERS, MetricsFileError, sweep_group
 from vitexp.models import PretrainedWeightsError
 from vitexp.rundir import RunConflictError, RunDir
+from vitexp.splits import DataError
 
 log = logging.getLogger("vitexp")
 
