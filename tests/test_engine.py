@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
 from tests.conftest import TINY, run_train
 from vitexp import checkpoint, run
-from vitexp.engine import DATA_WAIT_WARNING, NonFiniteError, Trainer
-from vitexp.logger import read_jsonl
+from vitexp.config import validate
+from vitexp.engine import DATA_WAIT_WARNING, Hook, NonFiniteError, Trainer
+from vitexp.logger import RunLogger, read_jsonl
 from vitexp.models import VisionTransformer
 from vitexp.run import RunIdentity
 from vitexp.rundir import RunConflictError
@@ -399,3 +401,59 @@ def test_a_per_image_policy_draws_the_same_whatever_the_workers(make_cfg, tmp_pa
     for workers in (0, 2):
         fit(make_cfg, tmp_path / str(workers), *RANDOM, "data.policy=randaugment", f"data.num_workers={workers}")
     assert_same_weights(final_weights(tmp_path / "0"), final_weights(tmp_path / "2"))
+
+
+class CountingHook(Hook):
+    """Counts steps (checkpointed state), records epoch rows, and asks to finish after epoch 2."""
+
+    def __init__(self) -> None:
+        self.steps, self.epochs = 0, []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.steps += 1
+
+    def after_epoch(self, trainer: Trainer, row: dict) -> None:
+        self.epochs.append(row["epoch"])
+        trainer.finish_early = row["epoch"] == 2
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+
+class ConstantModelHook(Hook):
+    """Evaluates a model whose logits are all zero (it always predicts class 0) instead of the trained one."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+    def eval_model(self, trainer: Trainer) -> torch.nn.Module:
+        self.model(torch.zeros(1, 3, 16, 16))  # materialise, then zero
+        torch.nn.init.zeros_(self.model[1].weight)
+        torch.nn.init.zeros_(self.model[1].bias)
+        return self.model
+
+
+def hooked_trainer(make_cfg, run_dir: Path, hooks: list[Hook]) -> tuple[Trainer, RunLogger]:
+    cfg = make_cfg(*BASE, "trainer.epochs=4")
+    typed = validate(cfg)
+    trainer = Trainer(typed, run_dir, OmegaConf.to_container(cfg, resolve=True), {}, hooks=hooks)
+    return trainer, RunLogger(typed.logger, run_dir, {}, name="hooked", job_type="vit")
+
+
+def test_hooks_run_at_the_loop_extension_points_and_are_checkpointed(make_cfg, tmp_path: Path) -> None:
+    hook = CountingHook()
+    trainer, logger = hooked_trainer(make_cfg, tmp_path / "run", [hook])
+    results = trainer.fit(logger)
+    assert hook.steps == 20 and hook.epochs == [1, 2]  # 10 steps an epoch; finished early after epoch 2
+    assert [row["epoch"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert results["best_epoch"] in (1, 2)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["hooks"] == [{}, {"steps": 20}]  # DataWaitWarning, ours
+
+
+def test_a_hook_can_choose_the_weights_that_are_evaluated_saved_and_tested(make_cfg, tmp_path: Path) -> None:
+    trainer, logger = hooked_trainer(make_cfg, tmp_path / "run", [ConstantModelHook()])
+    results = trainer.fit(logger)
+    labels = {split: getattr(trainer.splits, split).tensors[1] for split in ("val", "test")}
+    assert results["best_val"]["acc"] == pytest.approx((labels["val"] == 0).float().mean().item())
+    assert results["test"]["acc"] == pytest.approx((labels["test"] == 0).float().mean().item())
+    assert set(checkpoint.load(tmp_path / "run" / "best.pt")["model"]) == {"1.weight", "1.bias"}

@@ -164,7 +164,7 @@ def compose_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("config", overrides=["logger=none", f"trainer.device={args.device}", *overrides])
     trainer = Trainer(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), {})
-    trainer.order.batches_per_epoch = min(args.steps, trainer.order.batches_per_epoch)
+    trainer.feed.order.batches_per_epoch = min(args.steps, trainer.feed.order.batches_per_epoch)
     return trainer
 
 
@@ -180,7 +180,7 @@ def timed_steps(trainer, device: torch.device, repeats: int = 3) -> tuple[float,
 
     steps()
     seconds, wait = min(steps() for _ in range(repeats))
-    return seconds / trainer.order.batches_per_epoch, wait
+    return seconds / trainer.feed.order.batches_per_epoch, wait
 
 
 def bare_loop(
@@ -207,7 +207,7 @@ def bench_overhead(args: argparse.Namespace, device: torch.device) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(args, Path(tmp), [])
         reference = copy.deepcopy(trainer.model)
-        data = trainer.device_data["train"]
+        data = trainer.feed.device_data["train"]
 
         def batches() -> Iterator:
             return data.batches(args.batch_size, torch.arange(args.steps * args.batch_size) % len(data))
@@ -389,10 +389,10 @@ def epoch_cost(trainer, device: torch.device) -> tuple[float, float, float]:
     The fixed part (starting an epoch's DataLoader iterator, filling its prefetch) is separated by
     timing epochs of n and 2n steps: the step cost is their difference over n.
     """
-    n = min(trainer.order.batches_per_epoch, len(trainer.splits.train) // trainer.cfg.data.batch_size // 2)
-    trainer.order.batches_per_epoch = n
+    n = min(trainer.feed.order.batches_per_epoch, len(trainer.splits.train) // trainer.cfg.data.batch_size // 2)
+    trainer.feed.order.batches_per_epoch = n
     short, _ = timed_steps(trainer, device)  # seconds per step over n steps
-    trainer.order.batches_per_epoch = 2 * n
+    trainer.feed.order.batches_per_epoch = 2 * n
     long, wait = timed_steps(trainer, device)  # ... over 2n steps
     step = 2 * long - short  # (2n * long - n * short) / n
     return step, max(0.0, n * (short - step)), wait

@@ -12,27 +12,26 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch import nn
 from tqdm import tqdm
 
 from vitexp import checkpoint
 from vitexp.augment import BatchAugment
 from vitexp.cluster import StopSignals
-from vitexp.config import Config, ConfigError, DataConfig, config_hash
+from vitexp.config import Config, ConfigError, config_hash
 from vitexp.data import build_splits
-from vitexp.feed import DeviceData, EpochOrder, PolicyImages, SampleSeeds, make_loader
+from vitexp.feed import Feed
 from vitexp.logger import METRICS_FILE, RESULTS_FILE, RunLogger, read_jsonl, write_json
 from vitexp.metrics import DataWait, EvalMeter, RunningMeans
 from vitexp.models import build_model, count_parameters
 from vitexp.optim import OPTIMIZERS, build_schedule
-from vitexp.splits import Splits
 
 log = logging.getLogger("vitexp")
 
@@ -63,33 +62,69 @@ class Progress:
     epoch_wait_seconds: float = 0.0
 
 
-SPLITS = ("train", "val", "test")
-DEVICE_MEMORY_SHARE = 0.3  # auto keeps data on the GPU only while it takes at most this share of free memory
 DATA_WAIT_WARNING = 0.2  # an epoch that waited for data longer than this share of its time gets a hint
 
 
-def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bool:
-    """Whether the splits live on the training device (batches by indexing) instead of behind a DataLoader."""
-    mode = data.on_device.lower()
-    in_memory = all(isinstance(getattr(splits, name), TensorDataset) for name in SPLITS)
-    if mode == "false" or data.policy != "none":
-        return False
-    if not in_memory:
-        if mode == "true":
-            raise ConfigError("data.on_device=true is not allowed with data.cache=false: the images are not in memory")
-        return False
-    if mode == "true" or device.type != "cuda":
-        return True
-    size = sum(t.nelement() * t.element_size() for name in SPLITS for t in getattr(splits, name).tensors)
-    free, _ = torch.cuda.mem_get_info(device)
-    if size > DEVICE_MEMORY_SHARE * free:
-        log.info(
-            "data (%.1f GB) stays in host memory: more than %d%% of free GPU memory",
-            size / 1e9,
-            DEVICE_MEMORY_SHARE * 100,
-        )
-        return False
-    return True
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """Classification metrics of `model` over `batches` (`prepare` turns raw images into its inputs).
+
+    Any weights evaluate the same way: the trained ones, or a copy such as an average of them. Runs
+    without autograd, so no activations are kept and validation never needs more memory than training.
+    """
+    model.eval()
+    meter = EvalMeter(num_classes, device)
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(prepare(images))
+        meter.update(logits, labels)
+    return meter.compute()
+
+
+class Hook:
+    """A part of training that is not the loop itself, called at the loop's extension points in list order.
+
+    This is enough for what comes next: EMA (`after_step` updates the average, `eval_model` has it
+    evaluated and saved as best.pt, `state_dict` checkpoints it), SWA (the same from a start epoch) and
+    early stopping (`after_epoch` sets `trainer.finish_early`). The defaults do nothing.
+    """
+
+    def after_step(self, trainer: Trainer) -> None:
+        """After each optimizer step (applied or skipped)."""
+
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After an epoch's validation, with its metrics row, before `last.pt` is written."""
+
+    def eval_model(self, trainer: Trainer) -> nn.Module | None:
+        """A model to validate, save as best.pt and test instead of the trained one, or None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned; called on resume."""
+
+
+class DataWaitWarning(Hook):
+    """Warn when an epoch waited for DataLoader batches more than `DATA_WAIT_WARNING` of its time."""
+
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if row["data_wait"] > DATA_WAIT_WARNING and not trainer.feed.resident:
+            log.warning(
+                "epoch %d waited for DataLoader batches %.0f%% of its time: raise data.num_workers, or keep the "
+                "data on the device (data.cache=true, data.policy=none)",
+                row["epoch"],
+                row["data_wait"] * 100,
+            )
 
 
 def select_device(name: str) -> torch.device:
@@ -121,9 +156,11 @@ class Trainer:
         config: dict[str, Any],
         choices: dict[str, str],
         stop: StopSignals | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
         self.stop = stop
+        self.hooks = [DataWaitWarning(), *hooks]
         self.hash = config_hash(config)
         self.device = select_device(cfg.trainer.device)
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
@@ -134,26 +171,13 @@ class Trainer:
         data = cfg.data
         self.splits = build_splits(data)
         self.num_classes = self.splits.num_classes
-        pin = self.device.type == "cuda"
         micro_batches = len(self.splits.train) // data.batch_size // cfg.trainer.accumulate * cfg.trainer.accumulate
         if micro_batches == 0:
             raise ConfigError(
                 f"data.batch_size={data.batch_size} x trainer.accumulate={cfg.trainer.accumulate} is more than the "
                 f"{len(self.splits.train)} training images: lower them"
             )
-        self.order = EpochOrder(len(self.splits.train), data.batch_size, micro_batches, seed=cfg.seed)
-        self.resident = keep_on_device(data, self.splits, self.device)
-        if self.resident:
-            self.device_data = {name: DeviceData(getattr(self.splits, name), self.device) for name in SPLITS}
-        else:
-            train, sampler = self.splits.train, self.order
-            if data.policy != "none":
-                train, sampler = PolicyImages(train, data.policy, data.name), SampleSeeds(self.order)
-            self.loaders = {
-                "train": make_loader(train, data.batch_size, data, sampler, pin),
-                "val": make_loader(self.splits.val, data.eval_batch_size, data, None, pin),
-                "test": make_loader(self.splits.test, data.eval_batch_size, data, None, pin),
-            }
+        self.feed = Feed(self.splits, data, self.device, micro_batches, seed=cfg.seed)
         self.steps_per_epoch = micro_batches // cfg.trainer.accumulate
 
         self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
@@ -175,6 +199,7 @@ class Trainer:
         self.data_wait = DataWait()
         self.progress = Progress()
         self.stop_requested = False  # honoured at the next step boundary
+        self.finish_early = False  # set by a hook after an epoch: no more epochs, test and finish
 
     # --- checkpoints -------------------------------------------------------------------------------
     @property
@@ -194,6 +219,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "train_means": self.train_means.state_dict(),
             "augment": self.augment.state_dict(),
+            "hooks": [hook.state_dict() for hook in self.hooks],
             "rng": checkpoint.rng_state(),
             "config": self.config,
             "config_hash": self.hash,
@@ -211,6 +237,8 @@ class Trainer:
         self.nonfinite = torch.tensor([self.progress.nonfinite_total, streak, streak], device=self.device)
         self.train_means.load_state_dict(state["train_means"])
         self.augment.load_state_dict(state["augment"])
+        for hook, hook_state in zip(self.hooks, state.get("hooks", [{}] * len(self.hooks)), strict=True):
+            hook.load_state_dict(hook_state)
         checkpoint.set_rng_state(state["rng"])
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
@@ -239,12 +267,12 @@ class Trainer:
         self.model.train()
         window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(
-            self.data_wait.timed(self.batches("train", epoch)),
+            self.data_wait.timed(self.feed.train(epoch, self.progress.batch)),
             desc=f"epoch {epoch + 1}/{trainer.epochs}",
             leave=False,
             disable=not sys.stderr.isatty(),
             initial=self.progress.batch,
-            total=self.order.batches_per_epoch,
+            total=self.feed.order.batches_per_epoch,
         )
         for images, labels in bar:
             images, labels = self.to_device(images, labels)
@@ -275,7 +303,9 @@ class Trainer:
                         self.train_means.compute()["loss"],
                         self.scheduler.get_last_lr()[0],
                     )
-                if self.stopping() and self.progress.batch < self.order.batches_per_epoch:
+                for hook in self.hooks:
+                    hook.after_step(self)
+                if self.stopping() and self.progress.batch < self.feed.order.batches_per_epoch:
                     return False
         return True
 
@@ -331,30 +361,23 @@ class Trainer:
                 "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
             )
 
-    def batches(self, split: str, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """A split's batches: the rest of `epoch` in its seeded order for train, storage order otherwise."""
-        if split == "train":
-            self.order.set_position(epoch, self.progress.batch)
-        if self.resident:
-            indices = self.order.indices() if split == "train" else None
-            size = self.cfg.data.batch_size if split == "train" else self.cfg.data.eval_batch_size
-            return self.device_data[split].batches(size, indices)
-        return self.loaders[split]
+    def prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
+        """An evaluation batch as the model takes it: center crop, normalised, in the model's memory layout."""
+        inputs = self.augment.eval_batch(images)
+        return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
 
-    @torch.inference_mode()
+    def evaluated_model(self) -> tuple[nn.Module, nn.Module]:
+        """(the module to run, the module whose weights best.pt holds): a hook's model (an average of the
+        weights, say), else the trained model (run compiled when `trainer.compile` is on)."""
+        for hook in self.hooks:
+            if (model := hook.eval_model(self)) is not None:
+                return model, model
+        return self.forward, self.model
+
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metrics of the current weights on a split; no autograd history, so no activations are kept."""
-        self.model.eval()
-        meter = EvalMeter(self.num_classes, self.device)
-        for images, labels in self.batches(split):
-            images, labels = self.to_device(images, labels)
-            inputs = self.augment.eval_batch(images)
-            if self.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits = self.forward(inputs)
-            meter.update(logits, labels)
-        return meter.compute()
+        """Metrics of the evaluated model on `val` or `test`."""
+        model, _ = self.evaluated_model()
+        return evaluate(model, self.feed.eval(split), self.prepare_eval, self.num_classes, self.device, self.autocast)
 
     def save_last(self) -> None:
         self.read_nonfinite()
@@ -401,6 +424,9 @@ class Trainer:
                 row["val/acc"],
                 row["epoch_time_s"],
             )
+            if self.finish_early:
+                log.info("finishing after epoch %d, as a hook asked", epoch + 1)
+                break
             if self.stopping() and epoch + 1 < self.cfg.trainer.epochs:  # a stop during the epoch's last step
                 log.info("stopped after epoch %d; checkpoint saved", epoch + 1)
                 return {}
@@ -424,19 +450,15 @@ class Trainer:
         self.progress.epoch_seconds = self.progress.epoch_wait_seconds = 0.0
         if val["acc"] > self.progress.best_acc and all(math.isfinite(v) for v in val.values()):
             self.progress.best_acc, self.progress.best_epoch = val["acc"], epoch + 1
-            state = {"model": self.model.state_dict(), "epoch": epoch + 1, "val": val, "config": self.config}
+            weights = self.evaluated_model()[1].state_dict()
+            state = {"model": weights, "epoch": epoch + 1, "val": val, "config": self.config}
             self.save(self.best_path, state)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.progress.step, "lr": self.scheduler.get_last_lr()[0]}
         row |= {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
         data_wait = waited / max(seconds, 1e-9)
         row |= {"epoch_time_s": seconds, "data_wait": data_wait, "nonfinite_steps": self.progress.nonfinite_total}
-        if data_wait > DATA_WAIT_WARNING and not self.resident:
-            log.warning(
-                "epoch %d waited for DataLoader batches %.0f%% of its time: raise data.num_workers, or keep the "
-                "data on the device (data.cache=true, data.policy=none)",
-                epoch + 1,
-                data_wait * 100,
-            )
+        for hook in self.hooks:
+            hook.after_epoch(self, row)
         return row
 
     def finish(self, logger: RunLogger) -> dict[str, Any]:
@@ -444,7 +466,7 @@ class Trainer:
         if self.progress.best_epoch < 1:
             raise NonFiniteError("no epoch had finite validation metrics; there are no weights to test")
         best = checkpoint.load(self.best_path)
-        self.model.load_state_dict(best["model"])
+        self.evaluated_model()[1].load_state_dict(best["model"])
         test = self.evaluate("test")
         broken = [key for key, value in test.items() if not math.isfinite(value)]
         if broken:

@@ -4,13 +4,20 @@ device (one indexing op per batch) or through DataLoaders (per-image policies, d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import v2
 
-from vitexp.config import DataConfig
+from vitexp.config import ConfigError, DataConfig
+from vitexp.splits import Splits
+
+log = logging.getLogger("vitexp")
+
+SPLITS = ("train", "val", "test")
+DEVICE_MEMORY_SHARE = 0.3  # auto keeps data on the GPU only while it takes at most this share of free memory
 
 
 class EpochOrder(Sampler[int]):
@@ -131,3 +138,62 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sam
         drop_last=False,
         generator=torch.Generator(),
     )
+
+
+def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bool:
+    """Whether the splits live on the training device (batches by indexing) instead of behind a DataLoader."""
+    mode = data.on_device.lower()
+    in_memory = all(isinstance(getattr(splits, name), TensorDataset) for name in SPLITS)
+    if mode == "false" or data.policy != "none":
+        return False
+    if not in_memory:
+        if mode == "true":
+            raise ConfigError("data.on_device=true is not allowed with data.cache=false: the images are not in memory")
+        return False
+    if mode == "true" or device.type != "cuda":
+        return True
+    size = sum(t.nelement() * t.element_size() for name in SPLITS for t in getattr(splits, name).tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > DEVICE_MEMORY_SHARE * free:
+        log.info(
+            "data (%.1f GB) stays in host memory: more than %d%% of free GPU memory",
+            size / 1e9,
+            DEVICE_MEMORY_SHARE * 100,
+        )
+        return False
+    return True
+
+
+class Feed:
+    """A run's batches: the train split in the epoch's seeded order (resumable mid-epoch), val and test in
+    storage order; from tensors on the training device when they fit, through DataLoaders otherwise."""
+
+    def __init__(self, splits: Splits, data: DataConfig, device: torch.device, batches_per_epoch: int, seed: int):
+        self.data = data
+        self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed=seed)
+        self.resident = keep_on_device(data, splits, device)
+        if self.resident:
+            self.device_data = {name: DeviceData(getattr(splits, name), device) for name in SPLITS}
+            return
+        pin = device.type == "cuda"
+        train, sampler = splits.train, self.order
+        if data.policy != "none":
+            train, sampler = PolicyImages(train, data.policy, data.name), SampleSeeds(self.order)
+        self.loaders = {
+            "train": make_loader(train, data.batch_size, data, sampler, pin),
+            "val": make_loader(splits.val, data.eval_batch_size, data, None, pin),
+            "test": make_loader(splits.test, data.eval_batch_size, data, None, pin),
+        }
+
+    def train(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from `start_batch` on, in the epoch's seeded order."""
+        self.order.set_position(epoch, start_batch)
+        if self.resident:
+            return self.device_data["train"].batches(self.data.batch_size, self.order.indices())
+        return self.loaders["train"]
+
+    def eval(self, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `val` or `test`, in storage order."""
+        if self.resident:
+            return self.device_data[split].batches(self.data.eval_batch_size)
+        return self.loaders[split]
