@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vitexp.bench import vit_train_flops
+from vitexp.bench_trainer import vit_train_flops
 from vitexp.models import VisionTransformer
 
 

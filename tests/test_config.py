@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import MISSING as MISSING_VALUE
+from omegaconf import OmegaConf
 
 from tests.conftest import CONF, run_train
 from vitexp.augment import CutMixConfig
-from vitexp.config import ConfigError, validate
+from vitexp.config import Config, ConfigError, TrainerConfig, validate
 from vitexp.groups import REGISTRIES
 from vitexp.models import ResNetConfig
 
@@ -26,14 +30,18 @@ def test_every_group_has_the_options_the_docs_promise() -> None:
     assert {"pets", "digits"} <= set(OPTIONS["data"])
     assert OPTIONS["optim"] == ["adamw", "sgd"]
     assert OPTIONS["sched"] == ["cosine", "none"]
-    assert OPTIONS["logger"] == ["none", "wandb"]
+    assert OPTIONS["logger"] == ["none", "tensorboard", "wandb"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
 def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
     cfg = make_cfg(f"{group}={option}")
     typed = validate(cfg)
-    node = getattr(typed, group)
+    if group == "logger":  # any number of sinks, each under logger.<name>
+        assert list(typed.logger) == ([] if option == "none" else [option])
+        if option == "none":
+            return
+    node = typed.logger[option] if group == "logger" else getattr(typed, group)
     assert type(node) is REGISTRY[group][node.name].schema  # the option's own schema, as registered
     if group != "model":  # model presets (vit_small) share the vit option
         assert node.name == option
@@ -47,7 +55,7 @@ def test_every_registered_option_has_a_config_file() -> None:
 
 def test_defaults_and_overrides(make_cfg) -> None:
     typed = validate(make_cfg())
-    assert (typed.model.name, typed.aug.name, typed.data.name, typed.logger.name) == ("vit", "none", "pets", "wandb")
+    assert (typed.model.name, typed.aug.name, typed.data.name, list(typed.logger)) == ("vit", "none", "pets", ["wandb"])
     assert typed.smoothing == 0.0
     typed = validate(
         make_cfg(
@@ -184,3 +192,53 @@ def test_cutout_hole_must_fit_the_image(make_cfg) -> None:
     with pytest.raises(ConfigError, match=r"aug.length=300 is not allowed: expected at most data.img_size=224 pixels"):
         validate(make_cfg("aug=cutout", "aug.length=300"))
     assert validate(make_cfg("aug=cutout")).aug.length is None  # a quarter of the image side
+
+
+def schema_of(path: Path) -> type:
+    """The schema a conf/<group>/<option>.yaml extends (its `/schema/<group>/<name>` default)."""
+    [entry] = [d for d in OmegaConf.load(path).get("defaults", []) if str(d).startswith("/schema/")]
+    group, name = entry.split("@")[0].split("/")[2:4]
+    return REGISTRY[group][name].schema
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONF.glob("*/*.yaml") if p.parent.name in REGISTRY), ids=str)
+def test_no_option_file_restates_a_schema_default(path: Path) -> None:
+    """Defaults are stated once, in the schemas: an option's YAML sets only what differs from them."""
+    raw = OmegaConf.load(path)
+    if not raw.get("defaults"):  # logger=none chooses no sink and sets nothing
+        assert set(raw) == set()
+        return
+    own = raw.get(path.parent.name, raw) if "@package _global_" in path.read_text() else raw
+    defaults = OmegaConf.structured(schema_of(path))
+    restated = [key for key in own if key != "defaults" and key in defaults and own[key] == defaults[key]]
+    assert not restated, f"{path.name} restates the defaults of {', '.join(restated)}"
+
+
+def test_every_setting_says_what_it_means_where_it_is_defined() -> None:
+    """Each key with a default has a comment on its line in its schema (`name` and group nodes excepted)."""
+    schemas = {option.schema for registry in REGISTRIES for option in registry} | {TrainerConfig, Config}
+    silent = []
+    for schema in schemas:
+        for klass in schema.__mro__:
+            if not dataclasses.is_dataclass(klass):
+                continue
+            source = inspect.getsource(klass).splitlines()
+            own = {f.name for f in dataclasses.fields(klass) if f.name in inspect.get_annotations(klass)}
+            for name in own - {"name"}:
+                field = next(f for f in dataclasses.fields(klass) if f.name == name)
+                if field.default is MISSING_VALUE or dataclasses.is_dataclass(field.default_factory):
+                    continue
+                [line] = [line for line in source if line.strip().startswith(f"{name}:")]
+                if "#" not in line and not any(f"{name}:" in line for line in inherited_comments(klass, name)):
+                    silent.append(f"{klass.__name__}.{name}")
+    assert not silent, f"say what these keys mean where they are defined: {', '.join(sorted(set(silent)))}"
+
+
+def inherited_comments(klass: type, name: str) -> list[str]:
+    """Commented lines defining `name` in the classes `klass` overrides it from (a changed default keeps its
+    meaning, so `MixupConfig.alpha` is documented by `MixConfig.alpha`)."""
+    lines = []
+    for base in klass.__mro__[1:]:
+        if dataclasses.is_dataclass(base) and name in inspect.get_annotations(base):
+            lines += [line for line in inspect.getsource(base).splitlines() if line.strip().startswith(f"{name}:")]
+    return [line for line in lines if "#" in line]

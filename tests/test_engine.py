@@ -17,7 +17,7 @@ from tests.conftest import TINY, run_train
 from vitexp import checkpoint, run
 from vitexp.config import validate
 from vitexp.engine import DATA_WAIT_WARNING, Hook, NonFiniteError, Trainer
-from vitexp.logger import RunLogger, read_jsonl
+from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
 from vitexp.run import RunIdentity
 from vitexp.rundir import RunConflictError
@@ -238,7 +238,7 @@ def test_weights_that_turn_nonfinite_are_never_saved_and_fail_the_run(make_cfg, 
         assert all(torch.isfinite(w).all() for w in checkpoint.load(run_dir / name)["model"].values())
     assert not (run_dir / "results.json").exists()
     log = (run_dir / "train.log").read_text()  # the run's own log says why it ended, with the traceback
-    assert "run failed" in log and "vitexp.engine.NonFiniteError: the weights became non-finite" in log
+    assert "run failed" in log and "vitexp.guard.NonFiniteError: the weights became non-finite" in log
 
 
 def test_diverging_run_fails_without_nonfinite_checkpoints_or_results(tmp_path: Path) -> None:
@@ -336,7 +336,7 @@ def test_training_steps_read_nothing_from_the_device_between_log_intervals(
     """Every read of a tensor's value (.item(), bool(), .tolist() ...) is a GPU sync; the loop makes none."""
     reads: list[str] = []
     inside = {"train_epoch": False}
-    watched = ("vitexp/engine.py", "vitexp/metrics.py")
+    watched = ("vitexp/engine.py", "vitexp/guard.py", "vitexp/metrics.py")
 
     def counting(name: str):
         original = getattr(torch.Tensor, name)
@@ -433,17 +433,15 @@ class ConstantModelHook(Hook):
         return self.model
 
 
-def hooked_trainer(make_cfg, run_dir: Path, hooks: list[Hook]) -> tuple[Trainer, RunLogger]:
+def hooked_trainer(make_cfg, run_dir: Path, hooks: list[Hook]) -> Trainer:
     cfg = make_cfg(*BASE, "trainer.epochs=4")
-    typed = validate(cfg)
-    trainer = Trainer(typed, run_dir, OmegaConf.to_container(cfg, resolve=True), {}, hooks=hooks)
-    return trainer, RunLogger(typed.logger, run_dir, {}, name="hooked", job_type="vit")
+    return Trainer(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), {}, hooks=hooks)
 
 
 def test_hooks_run_at_the_loop_extension_points_and_are_checkpointed(make_cfg, tmp_path: Path) -> None:
     hook = CountingHook()
-    trainer, logger = hooked_trainer(make_cfg, tmp_path / "run", [hook])
-    results = trainer.fit(logger)
+    trainer = hooked_trainer(make_cfg, tmp_path / "run", [hook])
+    results = trainer.fit()
     assert hook.steps == 20 and hook.epochs == [1, 2]  # 10 steps an epoch; finished early after epoch 2
     assert [row["epoch"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert results["best_epoch"] in (1, 2)
@@ -451,8 +449,8 @@ def test_hooks_run_at_the_loop_extension_points_and_are_checkpointed(make_cfg, t
 
 
 def test_a_hook_can_choose_the_weights_that_are_evaluated_saved_and_tested(make_cfg, tmp_path: Path) -> None:
-    trainer, logger = hooked_trainer(make_cfg, tmp_path / "run", [ConstantModelHook()])
-    results = trainer.fit(logger)
+    trainer = hooked_trainer(make_cfg, tmp_path / "run", [ConstantModelHook()])
+    results = trainer.fit()
     labels = {split: getattr(trainer.splits, split).tensors[1] for split in ("val", "test")}
     assert results["best_val"]["acc"] == pytest.approx((labels["val"] == 0).float().mean().item())
     assert results["test"]["acc"] == pytest.approx((labels["test"] == 0).float().mean().item())

@@ -8,16 +8,17 @@ from tests.conftest import REPO
 
 # Lowest first. A module may import its own layer and the ones below, never one above.
 LAYERS = [
-    {"config", "registry", "checkpoint", "cluster", "metrics"},  # foundations: no vitexp imports but these
+    {"config", "registry", "checkpoint", "cluster", "metrics", "device", "guard"},  # foundations
     {"splits"},  # what every dataset loader returns and shares
-    {"models", "augment", "pets", "data", "feed", "logger"},  # the groups' options; how batches are fed
+    {"models", "augment", "pets", "data", "feed"},  # the groups' options; how batches are fed
+    {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
-    {"report", "launcher"},
-    {"sweep", "bench"},
+    {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
+    {"sweep", "bench_trainer", "bench"},
 ]
 TOP = "__init__"
 

@@ -64,7 +64,7 @@ def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_pa
         "model.dropout=0.1",
         "trainer.log_every=50,51",
         "logger=wandb",
-        "logger.mode=offline",
+        "logger.wandb.mode=offline",
     )
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = sweep_dir / "0" / "metrics.jsonl"

@@ -18,7 +18,7 @@ GRID = ["aug=none,cutmix", "seed=0,1"]
 
 def test_basic_launcher_runs_the_grid_reports_means_and_groups_wandb_runs(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "2026-11-23" / "12-00-00"
-    result = sweep(sweep_dir, *GRID, "logger=wandb", "logger.mode=offline")
+    result = sweep(sweep_dir, *GRID, "logger=wandb", "logger.wandb.mode=offline")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(job_results(sweep_dir)) == [0, 1, 2, 3]
     assert_report_means(sweep_dir, cells=2)

@@ -24,9 +24,9 @@ RUN = [
     "aug=cutmix",
     "smoothing=0.1",
     "logger=wandb",
-    "logger.project=vitexp-tests",
-    "logger.group=g1",
-    "logger.init_timeout=5",
+    "logger.wandb.project=vitexp-tests",
+    "logger.wandb.group=g1",
+    "logger.wandb.init_timeout=5",
 ]
 
 
@@ -38,7 +38,7 @@ def closed_port() -> int:
 
 def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_train(*RUN, "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    result = run_train(*RUN, "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     [folder] = offline_runs(run_dir)
     run = read_offline_run(folder)
@@ -109,12 +109,12 @@ def fresh_wandb():
 def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
     make_cfg, tmp_path: Path, monkeypatch, fresh_wandb
 ) -> None:
-    cfg = make_cfg(*RUN, "logger.mode=offline")
+    cfg = make_cfg(*RUN, "logger.wandb.mode=offline")
     choices = run.RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
     forward = VisionTransformer.forward
     monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: forward(self, x) * torch.nan)
     with pytest.raises(NonFiniteError):
-        run.run(make_cfg(*RUN, "logger.mode=offline", "trainer.max_nonfinite=1"), tmp_path / "failed", choices)
+        run.run(make_cfg(*RUN, "logger.wandb.mode=offline", "trainer.max_nonfinite=1"), tmp_path / "failed", choices)
     assert read_offline_run(offline_runs(tmp_path / "failed")[0])["exit_code"] == 1
     monkeypatch.undo()
 

@@ -29,9 +29,9 @@ AUGMENTATIONS: Registry[BatchAugmentation] = Registry("aug")
 @dataclass
 class CutoutConfig(AugConfig):
     name: str = "cutout"
-    n_holes: int = 1
+    n_holes: int = 1  # squares zeroed per image
     length: int | None = None  # side of a hole in pixels; None: a quarter of data.img_size
-    p: float = 1.0
+    p: float = 1.0  # probability per image
 
     def rules(self) -> Iterator[Rule]:
         yield "n_holes", self.n_holes >= 1, "an integer >= 1"
@@ -48,8 +48,8 @@ class CutoutConfig(AugConfig):
 class MixConfig(AugConfig):
     """Mixup and CutMix: a mixing weight drawn from Beta(alpha, alpha), applied with probability p."""
 
-    alpha: float = 1.0
-    p: float = 1.0
+    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+    p: float = 1.0  # probability of mixing a batch (mixup) or a sample (cutmix)
 
     def rules(self) -> Iterator[Rule]:
         yield "alpha", self.alpha > 0, "a float > 0 (Beta(alpha, alpha))"

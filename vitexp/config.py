@@ -20,7 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-GROUPS = ("model", "aug", "data", "optim", "sched", "logger")  # the groups with options in conf/<group>/
+GROUPS = ("model", "aug", "data", "optim", "sched")  # the groups with one option each in conf/<group>/
+SINK_GROUP = "logger"  # the group of which any number of options are chosen, each under logger.<name>
 
 
 class ConfigError(ValueError):
@@ -65,24 +66,24 @@ class DataConfig(GroupConfig):
     """The schema of every dataset option (loaders in `vitexp.data`)."""
 
     name: str = "pets"
-    root: str = "data"
-    download: bool = True
-    img_size: int = 224
+    root: str = "data"  # where the dataset lives (or is downloaded to), relative to the working directory
+    download: bool = True  # download a missing dataset; false: a missing root is an error
+    img_size: int = 224  # side of the square images the model sees
     crop_pct: float = 0.875  # stored images are img_size / crop_pct; eval takes the center crop
     cache: bool = True  # decode once into a uint8 cache next to the dataset (Pets)
     cache_dir: str | None = None  # where the cache and locks live; None: next to the dataset (Pets, under data.root)
     on_device: str = "auto"  # keep the uint8 splits on the training device: auto, true or false
     policy: str = "none"  # per-image CPU policy in DataLoader workers: autoaugment, trivialaugment, randaugment
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 4
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = 64  # training images per micro-batch (trainer.accumulate micro-batches per step)
+    eval_batch_size: int = 256  # validation and test batches (no activations kept, so larger)
+    num_workers: int = 4  # DataLoader processes, when batches come from the CPU
+    val_fraction: float = 0.1  # share of the training split held out for validation, per class
+    split_seed: int = 0  # which images are held out: fixed across seeds, so seeds compare on one split
+    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random resized crop: area range
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # and aspect-ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation, RGB (ImageNet)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # and its standard deviations
 
     def rules(self) -> Iterator[Rule]:
         yield "img_size", self.img_size >= 8, "an integer >= 8"
@@ -116,8 +117,8 @@ class OptimConfig(GroupConfig):
     """An optimizer option (the schemas live with their builders in `vitexp.optim`)."""
 
     name: str = MISSING
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    weight_decay: float = 0.05  # decoupled; never applied to norms, biases, tokens or position embeddings
 
     def rules(self) -> Iterator[Rule]:
         yield "lr", self.lr > 0, "a float > 0"
@@ -129,8 +130,8 @@ class SchedConfig(GroupConfig):
     """The schema of every learning-rate schedule option (builders in `vitexp.optim`)."""
 
     name: str = "cosine"
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-5
+    warmup_epochs: float = 5.0  # linear warmup from 0, in (fractional) epochs, stepped per step
+    min_lr: float = 1e-5  # where the cosine ends
 
     def rules(self) -> Iterator[Rule]:
         yield "warmup_epochs", self.warmup_epochs >= 0, "a float >= 0"
@@ -147,16 +148,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class TrainerConfig(GroupConfig):
-    epochs: int = 30
+    epochs: int = 30  # training epochs; the test runs on the best validation epoch
     device: str = "auto"  # auto picks cuda when available
     precision: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
-    accumulate: int = 1
+    accumulate: int = 1  # micro-batches per optimizer step (effective batch = accumulate x data.batch_size)
     clip_grad_norm: float = 1.0  # 0 disables clipping
     channels_last: bool = True  # CUDA only
-    compile: bool = False
-    max_nonfinite: int = 10
+    compile: bool = False  # torch.compile the model (slow first steps, faster after)
+    max_nonfinite: int = 10  # consecutive skipped non-finite steps before the run fails
     log_every: int = 50  # steps between plain log lines when not on a terminal
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels where torch has them (slower; warns where not)
 
     def rules(self) -> Iterator[Rule]:
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -174,19 +175,9 @@ class TrainerConfig(GroupConfig):
 
 @dataclass
 class LoggerConfig(GroupConfig):
-    """The schema of every logger option (`vitexp.logger`)."""
+    """The base of every logger sink's schema (the sinks live in `vitexp.*_logger` modules)."""
 
-    name: str = "none"
-    project: str = "vitexp"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: str = "online"  # online falls back to offline when W&B cannot be reached
-    init_timeout: float = 30.0
-
-    def rules(self) -> Iterator[Rule]:
-        yield "mode", self.mode in ("online", "offline", "disabled"), "online, offline or disabled"
-        yield "init_timeout", self.init_timeout > 0, "seconds > 0"
+    name: str = MISSING
 
 
 @dataclass
@@ -196,10 +187,10 @@ class Config:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
-    logger: LoggerConfig = MISSING
+    logger: dict[str, Any] = field(default_factory=dict)  # sink name -> its config; files are always written
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
-    smoothing: float = 0.0
+    seed: int = 0  # initial weights, data order and augmentation (not the train/val split: data.split_seed)
+    smoothing: float = 0.0  # label smoothing epsilon in [0, 1), applied once to the (possibly mixed) target
     dry_run: bool = False  # with -m: print the job table of the grid and launch nothing
 
     def rules(self) -> Iterator[Rule]:
@@ -207,8 +198,9 @@ class Config:
         yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
         yield "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"
         yield "data.split_seed", 0 <= self.data.split_seed < 2**32, "an integer in [0, 2**32)"
-        for group in (*GROUPS, "trainer"):
-            yield from getattr(self, group).rules_in(self)
+        for _, option in options_in(self):
+            yield from option.rules_in(self)
+        yield from self.trainer.rules_in(self)
 
     def warnings(self) -> Iterator[str]:
         """Legal but probably unintended settings: worth a line in the log, not a refusal."""
@@ -226,17 +218,30 @@ def registered_options(group: str) -> dict[str, type]:
     return {name.removesuffix(".yaml"): OmegaConf.get_type(node.node) for name, node in stored.items()}
 
 
-def check_options(typed: Config) -> None:
-    """Every group's `name` must be a registered option, configured with that option's own schema."""
+def options_in(typed: Config) -> Iterator[tuple[str, GroupConfig]]:
+    """(the option's key prefix, its config) for every chosen option: `model.`, ..., `logger.wandb.`."""
     for group in GROUPS:
-        node, options = getattr(typed, group), registered_options(group)
+        yield f"{group}.", getattr(typed, group)
+    for name, sink in typed.logger.items():
+        yield f"{SINK_GROUP}.{name}.", sink
+
+
+def check_options(typed: Config) -> None:
+    """Every chosen option's `name` must be registered, configured with that option's own schema."""
+    for prefix, node in options_in(typed):
+        group = prefix.split(".")[0]
+        options = registered_options(group)
+        if not isinstance(node, GroupConfig):  # a sink key without a registered schema (`+logger.foo.x=1`)
+            raise ConfigError(f"{prefix.rstrip('.')} is not a logger: expected one of {', '.join(options)}")
         if node.name not in options:
-            raise ConfigError(f"{group}.name={node.name!r} is not allowed: expected one of {', '.join(options)}")
+            raise ConfigError(f"{prefix}name={node.name!r} is not allowed: expected one of {', '.join(options)}")
         if type(node) is not options[node.name]:
             raise ConfigError(
-                f"{group}.name={node.name!r} has the schema {options[node.name].__name__}, not "
+                f"{prefix}name={node.name!r} has the schema {options[node.name].__name__}, not "
                 f"{type(node).__name__}: register the new schema under a name of its own"
             )
+        if group == SINK_GROUP and prefix != f"{SINK_GROUP}.{node.name}.":
+            raise ConfigError(f"{prefix}name={node.name!r} is not allowed: a sink's key is its name")
 
 
 def _format(value: Any) -> str:
@@ -300,10 +305,7 @@ def validate(cfg: DictConfig) -> Config:
     check_known_keys(cfg)
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_options(typed)
-    groups = [(f"{f.name}.", getattr(typed, f.name)) for f in dataclasses.fields(typed)]
-    for prefix, node in [*groups, ("", typed)]:
-        if not hasattr(node, "rules"):
-            continue
+    for prefix, node in [*options_in(typed), ("trainer.", typed.trainer), ("", typed)]:
         for key, holds, allowed in node.rules():
             if not holds:
                 full_key = key if "." in key else prefix + key

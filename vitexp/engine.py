@@ -3,6 +3,12 @@
 A plain PyTorch loop. `last.pt` (every epoch, and at a stop request) holds every piece of training state,
 so a run started again in the same directory continues exactly where it stopped; `best.pt` holds the
 weights of the best validation epoch, which the test runs on. No checkpoint ever holds non-finite weights.
+
+Over 400 lines, and `Trainer` over 200, on purpose: the loop, the state a checkpoint must hold and the
+`Hook` extension points that receive the trainer read top to bottom in one place, as nanoGPT's train.py
+does. Everything that is not the loop is built elsewhere: batches (`feed`), optimizer and schedule
+(`optim`), device and precision (`device`), non-finite guards (`guard`), evaluation (`metrics`), the run
+directory (`rundir`) and where numbers go (`logger` sinks).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,20 +33,15 @@ from vitexp.augment import BatchAugment
 from vitexp.cluster import StopSignals
 from vitexp.config import Config, ConfigError, config_hash
 from vitexp.data import build_splits
+from vitexp.device import autocast, autocast_dtype, select_device
 from vitexp.feed import Feed
-from vitexp.logger import METRICS_FILE, RESULTS_FILE, RunLogger, read_jsonl, write_json
-from vitexp.metrics import DataWait, EvalMeter, RunningMeans
+from vitexp.guard import NonFiniteError, NonFiniteSteps, check_weights
+from vitexp.logger import METRICS_FILE, MetricsFiles, Sink, Sinks, read_jsonl
+from vitexp.metrics import DataWait, RunningMeans, evaluate
 from vitexp.models import build_model, count_parameters
 from vitexp.optim import OPTIMIZERS, build_schedule
 
 log = logging.getLogger("vitexp")
-
-
-class NonFiniteError(RuntimeError):
-    """Training diverged: too many non-finite steps in a row, or non-finite weights or metrics.
-
-    Raised before anything non-finite reaches a checkpoint or results.json.
-    """
 
 
 @dataclass
@@ -63,30 +64,6 @@ class Progress:
 
 
 DATA_WAIT_WARNING = 0.2  # an epoch that waited for data longer than this share of its time gets a hint
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    num_classes: int,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> dict[str, float]:
-    """Classification metrics of `model` over `batches` (`prepare` turns raw images into its inputs).
-
-    Any weights evaluate the same way: the trained ones, or a copy such as an average of them. Runs
-    without autograd, so no activations are kept and validation never needs more memory than training.
-    """
-    model.eval()
-    meter = EvalMeter(num_classes, device)
-    for images, labels in batches:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
-            logits = model(prepare(images))
-        meter.update(logits, labels)
-    return meter.compute()
 
 
 class Hook:
@@ -125,25 +102,6 @@ class DataWaitWarning(Hook):
                 row["epoch"],
                 row["data_wait"] * 100,
             )
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} is not allowed: no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32: bf16 where the GPU has it, else fp16; CPU runs fp32 by default."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("trainer.precision=fp16 is not allowed on CPU: use fp32 or bf16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
@@ -195,7 +153,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
-        self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)  # total, streak, longest streak
+        self.nonfinite = NonFiniteSteps(self.device, cfg.trainer.max_nonfinite)
         self.data_wait = DataWait()
         self.progress = Progress()
         self.stop_requested = False  # honoured at the next step boundary
@@ -233,8 +191,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
-        streak = self.progress.nonfinite_streak
-        self.nonfinite = torch.tensor([self.progress.nonfinite_total, streak, streak], device=self.device)
+        self.nonfinite.restore(self.progress.nonfinite_total, self.progress.nonfinite_streak)
         self.train_means.load_state_dict(state["train_means"])
         self.augment.load_state_dict(state["augment"])
         for hook, hook_state in zip(self.hooks, state.get("hooks", [{}] * len(self.hooks)), strict=True):
@@ -243,36 +200,28 @@ class Trainer:
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         """Write a checkpoint, unless the weights went non-finite: then the run fails, keeping the last good one."""
-        broken = checkpoint.nonfinite_tensors(state["model"])
-        if broken:
-            raise NonFiniteError(
-                f"the weights became non-finite by step {self.progress.step} "
-                f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
-                f"{path.name} was not written. Try a lower optim.lr, trainer.clip_grad_norm or sched.warmup_epochs"
-            )
+        check_weights(state["model"], self.progress.step, path.name)
         checkpoint.save(path, state)
 
     # --- training ------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def train_epoch(self, epoch: int) -> bool:
-        """Train the rest of `epoch`; return False if stopped early by a stop request."""
+    def train_epoch(self, epoch: int, stop_batch: int | None = None) -> bool:
+        """Train the rest of `epoch` (or up to micro-batch `stop_batch`); False if a stop request ended it early."""
         trainer = self.cfg.trainer
         self.model.train()
         window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(
-            self.data_wait.timed(self.feed.train(epoch, self.progress.batch)),
+            self.data_wait.timed(self.feed.train(epoch, self.progress.batch, stop_batch)),
             desc=f"epoch {epoch + 1}/{trainer.epochs}",
             leave=False,
             disable=not sys.stderr.isatty(),
             initial=self.progress.batch,
-            total=self.feed.order.batches_per_epoch,
+            total=self.feed.order.stop_batch,
         )
         for images, labels in bar:
             images, labels = self.to_device(images, labels)
@@ -290,24 +239,32 @@ class Trainer:
             if self.progress.batch % trainer.accumulate == 0:
                 self.optimizer_step(window_finite)
                 window_finite.fill_(True)
-                if self.progress.step % trainer.log_every == 0:  # besides the log line, the only device read
+                if self.progress.step % trainer.log_every == 0:  # the only device reads of the loop
                     self.read_nonfinite()
-                if self.progress.step % trainer.log_every == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{self.train_means.compute()['loss']:.3f}")
-                elif self.progress.step % trainer.log_every == 0:
-                    log.info(
-                        "epoch %d step %d/%d train loss %.4f lr %.2e",
-                        epoch + 1,
-                        self.progress.batch // trainer.accumulate,
-                        self.steps_per_epoch,
-                        self.train_means.compute()["loss"],
-                        self.scheduler.get_last_lr()[0],
-                    )
+                    self.show_loss(epoch, bar)
                 for hook in self.hooks:
                     hook.after_step(self)
                 if self.stopping() and self.progress.batch < self.feed.order.batches_per_epoch:
                     return False
         return True
+
+    def train_steps(self, batches: int, epoch: int = 0) -> float:
+        """Train micro-batches [0, batches) of `epoch` as an epoch of that length, outside any run (nothing is
+        validated, saved or logged); return the seconds spent waiting for data. The loop of `fit`, for
+        benchmarks to time and range tests to probe."""
+        self.progress.batch, self.data_wait = 0, DataWait()
+        self.train_epoch(epoch, stop_batch=batches)
+        return self.data_wait.seconds
+
+    def show_loss(self, epoch: int, bar: tqdm) -> None:
+        """The running train loss on the progress bar, or as a log line when not on a terminal."""
+        loss = self.train_means.compute()["loss"]
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.3f}")
+            return
+        step = self.progress.batch // self.cfg.trainer.accumulate
+        lr = self.scheduler.get_last_lr()[0]
+        log.info("epoch %d step %d/%d train loss %.4f lr %.2e", epoch + 1, step, self.steps_per_epoch, loss, lr)
 
     def stopping(self) -> bool:
         """Whether a stop was requested (by a signal, or by setting `stop_requested`)."""
@@ -329,10 +286,7 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if not self.scaler.is_enabled():
             finite = finite & torch.isfinite(norm)
-        total, streak, longest = self.nonfinite.unbind()
-        total.add_(~finite)
-        streak.copy_(torch.where(finite, 0, streak + 1))
-        longest.copy_(torch.maximum(longest, streak))
+        self.nonfinite.record(finite)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # non-finite gradients: skipped, and the loss scale backs off
             self.scaler.update()
@@ -344,22 +298,9 @@ class Trainer:
         self.progress.step += 1
 
     def read_nonfinite(self) -> None:
-        """Copy the device's non-finite counters into `progress` (one sync); stop if a streak got too long."""
-        total, streak, longest = self.nonfinite.tolist()
-        if total > self.progress.nonfinite_total:
-            log.warning(
-                "non-finite loss or gradients in %d steps by step %d: those steps were skipped (%d in a row now)",
-                total - self.progress.nonfinite_total,
-                self.progress.step,
-                streak,
-            )
-        self.progress.nonfinite_total, self.progress.nonfinite_streak = total, streak
-        if longest >= self.cfg.trainer.max_nonfinite:
-            raise NonFiniteError(
-                f"loss or gradients were non-finite for {longest} consecutive steps "
-                f"(trainer.max_nonfinite={self.cfg.trainer.max_nonfinite}); stopping without saving NaN weights. "
-                "Try a lower optim.lr or trainer.clip_grad_norm, or trainer.precision=fp32"
-            )
+        """Bring the device's non-finite counts into `progress` (one transfer); fails on too long a streak."""
+        self.nonfinite.read_nonfinite(self.progress.step)
+        self.progress.nonfinite_total, self.progress.nonfinite_streak = self.nonfinite.total, self.nonfinite.streak
 
     def prepare_eval(self, images: torch.Tensor) -> torch.Tensor:
         """An evaluation batch as the model takes it: center crop, normalised, in the model's memory layout."""
@@ -384,25 +325,25 @@ class Trainer:
         self.progress.wall_seconds = self.wall_before + time.perf_counter() - self.started
         self.save(self.last_path, self.state_dict())
 
-    def fit(self, logger: RunLogger, state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Train from `state` (a `last.pt`) or from scratch, then test; {} when a stop request ended it early."""
-        self.logger = logger
-        log.info(
-            "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s",
-            self.choices.get("model", self.cfg.model.name),
-            f"{self.params:,}",
-            len(self.splits.train),
-            len(self.splits.val),
-            len(self.splits.test),
-            self.device,
-            str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
-        )
+    def fit(self, sink: Sink | None = None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train from `state` (a `last.pt`) or from scratch, then test; {} when a stop request ended it early.
+
+        The metrics files are always written, before `sink` (W&B, TensorBoard: `vitexp.logger`) hears of
+        each epoch, so results.json exists before any service is told the result.
+        """
+        sinks = Sinks([MetricsFiles(self.run_dir), *([sink] if sink is not None else [])])
+        sizes = (len(self.splits.train), len(self.splits.val), len(self.splits.test))
+        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
+        model = self.choices.get("model", self.cfg.model.name)
+        line = "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s"
+        log.info(line, model, f"{self.params:,}", *sizes, self.device, precision)
         if state is not None:
             self.load_state_dict(state)
             log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
-        logger.truncate_after(self.progress.epoch)  # rows of epochs no checkpoint covers are trained again
+        sinks.start(self.progress.epoch)  # rows of epochs no checkpoint covers are trained again
         self.started, self.wall_before = time.perf_counter(), self.progress.wall_seconds
-        for epoch in range(self.progress.epoch, self.cfg.trainer.epochs):
+        epochs = self.cfg.trainer.epochs
+        for epoch in range(self.progress.epoch, epochs):
             start, start_batch = time.perf_counter(), self.progress.batch
             self.data_wait = DataWait()
             completed = self.train_epoch(epoch)
@@ -412,25 +353,18 @@ class Trainer:
                 log.info("stopped at epoch %d batch %d; checkpoint saved", epoch + 1, self.progress.batch)
                 return {}
             row = self.end_epoch(epoch)
-            logger.log_epoch(row)
+            sinks.log_epoch(row)
             self.save_last()
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)",
-                epoch + 1,
-                self.cfg.trainer.epochs,
-                row["train/loss"],
-                row["train/acc"],
-                row["val/loss"],
-                row["val/acc"],
-                row["epoch_time_s"],
-            )
+            shown = (row[key] for key in ("train/loss", "train/acc", "val/loss", "val/acc", "epoch_time_s"))
+            line = "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)"
+            log.info(line, epoch + 1, epochs, *shown)
             if self.finish_early:
                 log.info("finishing after epoch %d, as a hook asked", epoch + 1)
                 break
-            if self.stopping() and epoch + 1 < self.cfg.trainer.epochs:  # a stop during the epoch's last step
+            if self.stopping() and epoch + 1 < epochs:  # a stop during the epoch's last step
                 log.info("stopped after epoch %d; checkpoint saved", epoch + 1)
                 return {}
-        return self.finish(logger)
+        return self.finish(sinks)
 
     def count_time(self, seconds: float, batches: int) -> None:
         """Add this invocation's training time to the run's totals (kept in checkpoints across resumes)."""
@@ -461,7 +395,7 @@ class Trainer:
             hook.after_epoch(self, row)
         return row
 
-    def finish(self, logger: RunLogger) -> dict[str, Any]:
+    def finish(self, sinks: Sink) -> dict[str, Any]:
         """Test the best epoch's weights and write results.json, which marks the run finished."""
         if self.progress.best_epoch < 1:
             raise NonFiniteError("no epoch had finite validation metrics; there are no weights to test")
@@ -492,17 +426,9 @@ class Trainer:
             "config": self.config,
             "config_hash": self.hash,
         }
-        write_json(self.run_dir / RESULTS_FILE, results)
-        logger.log_results(results)
-        log.info(
-            "test (best epoch %d): acc %.4f  acc5 %.4f  f1 %.4f  ece %.4f  nll %.4f",
-            best["epoch"],
-            test["acc"],
-            test["acc5"],
-            test["f1"],
-            test["ece"],
-            test["loss"],
-        )
+        sinks.log_results(results)
+        shown = (test[key] for key in ("acc", "acc5", "f1", "ece", "loss"))
+        log.info("test (best epoch %d): acc %.4f  acc5 %.4f  f1 %.4f  ece %.4f  nll %.4f", best["epoch"], *shown)
         return results
 
 

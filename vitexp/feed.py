@@ -29,22 +29,24 @@ class EpochOrder(Sampler[int]):
 
     def __init__(self, size: int, batch_size: int, batches_per_epoch: int, seed: int) -> None:
         self.size, self.batch_size, self.batches_per_epoch, self.seed = size, batch_size, batches_per_epoch, seed
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.stop_batch = 0, 0, batches_per_epoch
 
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+    def set_position(self, epoch: int, start_batch: int = 0, stop_batch: int | None = None) -> None:
+        """Serve batches [start_batch, stop_batch) of `epoch` (by default, to the end of the epoch)."""
         self.epoch, self.start_batch = epoch, start_batch
+        self.stop_batch = self.batches_per_epoch if stop_batch is None else min(stop_batch, self.batches_per_epoch)
 
     def indices(self) -> torch.Tensor:
         """The sample indices still to train on in this epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
-        return order[self.start_batch * self.batch_size : self.batches_per_epoch * self.batch_size]
+        return order[self.start_batch * self.batch_size : self.stop_batch * self.batch_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return (self.stop_batch - self.start_batch) * self.batch_size
 
 
 class DeviceData:
@@ -185,9 +187,11 @@ class Feed:
             "test": make_loader(splits.test, data.eval_batch_size, data, None, pin),
         }
 
-    def train(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `epoch` from `start_batch` on, in the epoch's seeded order."""
-        self.order.set_position(epoch, start_batch)
+    def train(
+        self, epoch: int, start_batch: int, stop_batch: int | None = None
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from `start_batch` on (up to `stop_batch`), in the epoch's seeded order."""
+        self.order.set_position(epoch, start_batch, stop_batch)
         if self.resident:
             return self.device_data["train"].batches(self.data.batch_size, self.order.indices())
         return self.loaders["train"]

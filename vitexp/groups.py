@@ -1,14 +1,14 @@
 """Every config group's registry, and the schemas Hydra composes `conf/` against.
 
-Importing this module imports every group module, which registers its options; a group module added
-later is one more line in `REGISTRIES`.
+Importing this module imports every group module, which registers its options: a new group is one
+more line in `REGISTRIES`, a new logger sink module one more name in the import line.
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from vitexp import augment, data, logger, models, optim
+from vitexp import augment, data, logger, models, optim, tensorboard_logger, wandb_logger  # noqa: F401 (they register)
 from vitexp.config import Config
 from vitexp.registry import Registry
 

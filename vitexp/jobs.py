@@ -1,7 +1,11 @@
-"""A sweep's jobs: what Hydra's sweeper launches, and the state of each from the files in its directory.
+"""A sweep's jobs: what its sweeper will launch, what its directory holds, and the state of each job.
 
-The end-of-sweep summary, the report and the relaunch checks all read job states from the directories
-(results.json, failed.json, the lock, last.pt), so they work whatever launched the jobs.
+Hydra's basic sweeper launches a grid that is known before launch; its own `split_arguments` lists it in
+its order, so job numbers and directories match. A sampling sweeper (Optuna's `interval(...)`,
+`choice(...)`) has no such list: `search_space` gives each swept parameter's values to check instead.
+Once jobs have started, their directories say the rest — the overrides (`.hydra/overrides.yaml`, written
+by the run when it starts) and the state (results.json, failed.json, the lock, last.pt) — so the
+end-of-sweep summary, the report and the relaunch checks work whatever sweeper and launcher made the jobs.
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from hydra.core.override_parser.types import IntervalSweep, Override
+from omegaconf import DictConfig, OmegaConf
 
 from vitexp.checkpoint import LAST_FILE
 from vitexp.logger import RESULTS_FILE
-from vitexp.rundir import FAILED_FILE, LOCK_FILE
+from vitexp.rundir import FAILED_FILE, HYDRA_DIR, LOCK_FILE
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 @dataclass
@@ -26,22 +34,69 @@ class Job:
     directory: Path
 
     def varying(self, keys: set[str]) -> list[str]:
-        """This job's overrides of `keys`: what tells it apart from the other jobs of its grid."""
+        """This job's overrides of `keys`: what tells it apart from the other jobs of its sweep."""
         return [o for o in self.overrides if o.lstrip("+~").partition("=")[0] in keys]
 
 
-def expand_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job]:
-    """The jobs Hydra's basic sweeper will launch, in its order (so job numbers and directories match)."""
+def sweep_overrides(hydra_cfg: DictConfig) -> list[Override]:
+    """The sweeper's params, then the command line's overrides, parsed as every Hydra sweeper reads them.
+
+    A glob sweep lists a group's options, so the parser gets the running app's config loader when there is one.
+    """
+    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    hydra = GlobalHydra.instance()
+    parser = OverridesParser.create(config_loader=hydra.config_loader() if hydra.is_initialized() else None)
+    return parser.parse_overrides(params + list(hydra_cfg.overrides.task))
+
+
+def expected_jobs(hydra_cfg: DictConfig, sweep_dir: Path) -> list[Job] | None:
+    """The jobs the sweeper will launch, in its order; None for a sweeper that has no finite list."""
+    if hydra_cfg.sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + list(hydra_cfg.overrides.task))
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    batches = BasicSweeper.split_arguments(sweep_overrides(hydra_cfg), max_batch_size=None)
     return [Job(n, list(overrides), sweep_dir / str(n)) for n, overrides in enumerate(batches[0] if batches else [])]
 
 
+def search_space(hydra_cfg: DictConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """For a sampling sweeper: the fixed overrides, and each swept parameter (as written) -> the overrides to check.
+
+    A choice, range or glob gives every value; an interval (also inside `tag(log, ...)`) its two ends, since
+    vitexp's rules are ranges. A key given twice keeps its last setting, as in every Hydra sweeper.
+    """
+    fixed: dict[str, str] = {}
+    swept: dict[str, tuple[str, list[str]]] = {}
+    for override in sweep_overrides(hydra_cfg):
+        key = override.get_key_element()
+        fixed.pop(key, None)
+        swept.pop(key, None)
+        value = override.value()
+        if not override.is_sweep_override():
+            fixed[key] = f"{key}={override.get_value_element_as_str()}"
+        elif isinstance(value, IntervalSweep):
+            swept[key] = (str(override.input_line), [f"{key}={value.start}", f"{key}={value.end}"])
+        else:
+            swept[key] = (str(override.input_line), [f"{key}={v}" for v in override.sweep_string_iterator()])
+    return list(fixed.values()), dict(swept.values())
+
+
+def sweep_jobs(sweep_dir: Path, expected: list[Job] | None) -> list[Job]:
+    """Every job of a sweep, by number: the numbered directories (`hydra.sweep.subdir` is the job number) with
+    the overrides each recorded, and the expected jobs that have none yet (never started, or refused early)."""
+    jobs = {job.number: job for job in expected or []}
+    for directory in sweep_dir.iterdir():
+        if directory.is_dir() and directory.name.isdigit():
+            number, recorded = int(directory.name), directory / HYDRA_DIR / "overrides.yaml"
+            if recorded.exists():
+                jobs[number] = Job(number, [str(o) for o in OmegaConf.load(recorded)], directory)
+            else:
+                jobs.setdefault(number, Job(number, [], directory))
+    return [jobs[number] for number in sorted(jobs)]
+
+
 def varying_keys(jobs: list[Job]) -> set[str]:
-    """Override keys whose value differs between jobs: what tells the jobs of a grid apart."""
+    """Override keys whose value differs between jobs: what tells the jobs of a sweep apart."""
     values = [dict(o.lstrip("+~").partition("=")[::2] for o in job.overrides) for job in jobs]
     keys = {key for v in values for key in v}
     return {key for key in keys if len({v.get(key) for v in values}) > 1}

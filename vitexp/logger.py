@@ -1,25 +1,29 @@
-"""Where a run's numbers go: `metrics.jsonl` and `results.json` in the run directory, and W&B when enabled."""
+"""Where a run's numbers go: a list of sinks behind one small protocol.
+
+The metrics files (`metrics.jsonl` per epoch, `results.json` at the end) are always written; the
+`logger` group adds optional sinks, any number at once (`logger=[wandb,tensorboard]`). A sink is one
+module that subclasses `Sink` and registers its builder and schema in `LOGGERS`; each option's YAML
+puts its config under `logger.<name>`. How a sink names a run (W&B's run name, group, job type) is
+the sink's own business: it gets the facts in a `RunIdentity`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from vitexp.checkpoint import atomic_write
-from vitexp.config import LoggerConfig
 from vitexp.registry import Registry
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
-WANDB_ID_FILE = "wandb_id"
 
 
 class MetricsFileError(ValueError):
@@ -51,57 +55,44 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class RunLogger:
-    """Per-epoch rows to `metrics.jsonl` (and W&B), final results to `results.json` (and the W&B summary).
+@dataclass
+class RunIdentity:
+    """What a sink may name a run by: Hydra's group choices, the job's overrides and the sweep it is part of."""
 
-    W&B problems never cost the run: without an API key or a reachable server the run is logged
-    offline, with one warning line giving the `wandb sync` command to upload it later.
-    """
+    choices: dict[str, str]
+    overrides: list[str] = field(default_factory=list)
+    sweep_name: str | None = None  # the named sweep(s) chosen, e.g. aug_smoothing; None for a single run
+    sweep_dir: Path | None = None
+    role: str = "run"  # "run", or "report" for a sweep's report
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str, job_type: str) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.metrics_path = run_dir / METRICS_FILE
-        self.wandb_run = None
-        if cfg.name == "wandb" and cfg.mode != "disabled":
-            self.wandb_run = self._init_wandb(config, name, job_type)
 
-    def _init_wandb(self, config: dict[str, Any], name: str, job_type: str) -> Any:
-        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # its exit-time telemetry can stall offline runs
-        import wandb
+class Sink:
+    """One destination of a run's numbers. The defaults do nothing, so a sink implements what it shows."""
 
-        id_file = self.run_dir / WANDB_ID_FILE
-        if not id_file.exists():  # saved before init so a resumed run continues the same W&B run
-            atomic_write(id_file, lambda file: file.write(uuid.uuid4().hex[:12].encode()))
-        kwargs = dict(
-            project=self.cfg.project,
-            entity=self.cfg.entity,
-            group=self.cfg.group,
-            tags=list(self.cfg.tags),
-            name=name,
-            job_type=job_type,
-            config=config,
-            id=id_file.read_text().strip(),
-            resume="allow",
-            dir=str(self.run_dir),
-        )
-        mode = os.environ.get("WANDB_MODE", self.cfg.mode)
-        if mode != "online":
-            return wandb.init(mode=mode, **kwargs)
-        if not has_wandb_credentials():
-            reason = "no W&B API key is configured"
-        else:
-            try:  # silent: a non-silent init spends extra seconds greeting the user before the timeout starts
-                settings = wandb.Settings(init_timeout=self.cfg.init_timeout, silent=True)
-                return wandb.init(mode="online", settings=settings, **kwargs)
-            except Exception as err:  # network, authentication, timeout: none may cost the run
-                reason = f"W&B is unreachable ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-                wandb.teardown()  # else the offline run with the same id is refused as "in use"
-        run = wandb.init(mode="offline", **kwargs)
-        log.warning("%s; logging offline. Upload later with: wandb sync %s", reason, self.run_dir / "wandb")
-        return run
+    def start(self, epoch: int) -> None:
+        """Training (re)starts after `epoch` finished epochs: drop anything logged for later ones."""
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs after `epoch` (written before a crash that the checkpoint does not cover)."""
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One finished epoch's metrics (`row["epoch"]` is 1-based)."""
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        """The run's final results (test metrics of the best epoch, timings, config)."""
+
+    def log_media(self, tables: Mapping[str, Sequence[dict[str, Any]]], images: Mapping[str, Path]) -> None:
+        """Tables (rows of one schema) and PNG images, logged together."""
+
+    def finish(self, exit_code: int) -> None:
+        """The run ended, successfully (0) or not."""
+
+
+class MetricsFiles(Sink):
+    """`metrics.jsonl`, one row per epoch, flushed to disk before the epoch's checkpoint; `results.json`,
+    which marks the run finished."""
+
+    def __init__(self, directory: Path) -> None:
+        self.metrics_path, self.results_path = directory / METRICS_FILE, directory / RESULTS_FILE
+
+    def start(self, epoch: int) -> None:
         rows = [row for row in read_jsonl(self.metrics_path) if row["epoch"] <= epoch]
         atomic_write(self.metrics_path, lambda file: file.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
@@ -110,52 +101,68 @@ class RunLogger:
             file.write(json.dumps(row) + "\n")
             file.flush()
             os.fsync(file.fileno())
-        if self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=row["epoch"]
-            )
 
     def log_results(self, results: dict[str, Any]) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(_flatten(results))
+        write_json(self.results_path, results)
+
+
+# The optional sinks, by option name; their builders take
+# (their config, the run directory, the resolved config, the RunIdentity, the model's parameter count).
+LOGGERS: Registry[Sink] = Registry("logger")
+
+
+class Sinks(Sink):
+    """Several sinks as one, called in list order."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = list(sinks)
+
+    @classmethod
+    def build(
+        cls,
+        configs: Mapping[str, Any],
+        directory: Path,
+        config: dict[str, Any],
+        identity: RunIdentity,
+        params: int | None = None,
+    ) -> Sinks:
+        """The sinks chosen in `configs` (`cfg.logger`), started for the run in `directory`."""
+        sinks = cls([])
+        try:
+            for sink_config in configs.values():
+                sinks.sinks.append(LOGGERS.build(sink_config, directory, config, identity, params))
+        except BaseException:
+            sinks.finish(exit_code=1)  # those already started must not be left open
+            raise
+        return sinks
+
+    def start(self, epoch: int) -> None:
+        for sink in self.sinks:
+            sink.start(epoch)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log_epoch(row)
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log_results(results)
+
+    def log_media(self, tables: Mapping[str, Sequence[dict[str, Any]]], images: Mapping[str, Path]) -> None:
+        for sink in self.sinks:
+            sink.log_media(tables, images)
 
     def finish(self, exit_code: int) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
-            self.wandb_run = None
+        for sink in self.sinks:
+            sink.finish(exit_code)
 
 
-def sweep_group(hydra_cfg: DictConfig, sweep_dir: Path) -> str:
-    """The W&B group of a sweep: its name(s) and start time, e.g. `aug_smoothing-2026-11-23-12-00-00`."""
-    name = str(hydra_cfg.runtime.choices.get("sweep") or "sweep").strip("[]").replace(",", "+").replace(" ", "")
-    return f"{name}-{'-'.join(sweep_dir.parts[-2:])}"
-
-
-# The logger options; both are RunLogger for now, which writes the files always and W&B for `wandb`.
-LOGGERS: Registry[RunLogger] = Registry("logger")
-LOGGERS.register("wandb", LoggerConfig)(RunLogger)
-LOGGERS.register("none", LoggerConfig)(RunLogger)
-
-
-def has_wandb_credentials() -> bool:
-    """Whether an API key is configured (environment or netrc), checked without network or prompts."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    import wandb
-
-    try:
-        from wandb.sdk.lib.wbauth import wbnetrc
-
-        return bool(wbnetrc.read_netrc_auth(host=wandb.Settings().base_url))
-    except Exception:  # an internal module: if it moves, try online and let the fallback handle it
-        return True
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of `a/b` keys, as dashboards show them."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}/"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -1,13 +1,16 @@
-"""Evaluation metrics (torchmetrics), the on-device running means of the training loop, and its data wait."""
+"""Evaluation (`evaluate` any weights, torchmetrics), the on-device running means of the training loop, and its
+data wait."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -112,3 +115,27 @@ class DataWait:
             if batch is None:
                 return
             yield batch
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """Classification metrics of `model` over `batches` (`prepare` turns raw images into its inputs).
+
+    Any weights evaluate the same way: the trained ones, or a copy such as an average of them. Runs
+    without autograd, so no activations are kept and validation never needs more memory than training.
+    """
+    model.eval()
+    meter = EvalMeter(num_classes, device)
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(prepare(images))
+        meter.update(logits, labels)
+    return meter.compute()

@@ -23,12 +23,12 @@ MODELS: Registry[nn.Module] = Registry("model")
 @dataclass
 class ViTConfig(ModelConfig):
     name: str = "vit"
-    patch_size: int = 16
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
+    patch_size: int = 16  # pixels per side of a patch token; must divide data.img_size
+    dim: int = 256  # token width; a multiple of heads
+    depth: int = 6  # transformer blocks
+    heads: int = 8  # attention heads per block
+    mlp_ratio: float = 2.0  # MLP hidden width / dim
+    dropout: float = 0.0  # in attention and MLP
 
     def rules(self) -> Iterator[Rule]:
         yield "patch_size", self.patch_size >= 1, "an integer >= 1 that divides data.img_size"
@@ -47,7 +47,7 @@ class ViTConfig(ModelConfig):
 @dataclass
 class ResNetConfig(ModelConfig):
     name: str = "resnet18"
-    pretrained: bool = False
+    pretrained: bool = False  # torchvision's ImageNet weights (downloaded once into TORCH_HOME)
 
 
 class Attention(nn.Module):

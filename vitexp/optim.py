@@ -25,8 +25,8 @@ SCHEDULES: Registry[Callable[[int], float]] = Registry("sched")
 @dataclass
 class AdamWConfig(OptimConfig):
     name: str = "adamw"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's moment decay rates
+    eps: float = 1e-8  # added to the second moment's root
 
     def rules(self) -> Iterator[Rule]:
         yield from super().rules()
@@ -39,8 +39,8 @@ class SGDConfig(OptimConfig):
     name: str = "sgd"
     lr: float = 0.1
     weight_decay: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # 0: plain SGD
+    nesterov: bool = True  # Nesterov momentum (needs momentum > 0)
 
     def rules(self) -> Iterator[Rule]:
         yield from super().rules()

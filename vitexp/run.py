@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +19,19 @@ from submitit.core.utils import UncompletedJobError
 
 from vitexp.checkpoint import CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
-from vitexp.config import Config, ConfigError, validate
+from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
 from vitexp.engine import NonFiniteError, Trainer
-from vitexp.logger import LOGGERS, MetricsFileError, sweep_group
+from vitexp.logger import MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
 from vitexp.rundir import RunConflictError, RunDir
 from vitexp.splits import DataError
 
 log = logging.getLogger("vitexp")
 
-GROUPS = ("model", "aug", "data", "optim", "sched", "logger")
 EXIT_FAILED, EXIT_USAGE = 1, 2
 USAGE_ERRORS = (ConfigError, RunConflictError)  # the command is wrong: nothing was run
 # failures a line of text explains fully: no traceback
 RUN_ERRORS = (CheckpointError, DataError, MetricsFileError, NonFiniteError, PretrainedWeightsError)
-
-
-@dataclass
-class RunIdentity:
-    """How a run is named in W&B: the job's overrides, the sweep's group, the model as job type."""
-
-    choices: dict[str, str]
-    name: str = ""
-    group: str | None = None
 
 
 def run(
@@ -83,36 +72,27 @@ def _train(
     stop: StopSignals | None,
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    choices = identity.choices
-    trainer = Trainer(typed, directory.path, config, choices, stop)
-    wandb_config = config | {f"{group}_config": config[group] for group in ("model", "aug", "data")}
-    wandb_config |= {group: choices.get(group, config[group]["name"]) for group in ("model", "aug", "data")}
-    wandb_config["params"] = trainer.params
-    name = identity.name or ",".join(f"{group}={choices[group]}" for group in ("model", "aug") if group in choices)
-    logger_cfg = typed.logger
-    if logger_cfg.group is None and identity.group:
-        logger_cfg.group = identity.group
-    logger = LOGGERS.build(
-        logger_cfg, directory.path, wandb_config, name=name, job_type=choices.get("model", typed.model.name)
-    )
+    trainer = Trainer(typed, directory.path, config, identity.choices, stop)
+    sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
-        results = trainer.fit(logger, state)
+        results = trainer.fit(sinks, state)
     except BaseException:
-        logger.finish(exit_code=1)
+        sinks.finish(exit_code=1)
         raise
-    logger.finish(exit_code=0)
+    sinks.finish(exit_code=0)
     return results
 
 
 def identity_from_hydra(hydra_cfg: DictConfig) -> RunIdentity:
+    """The run's group choices and overrides; a sweep job also its sweep's name and directory."""
     from hydra.types import RunMode
 
-    choices = {group: str(hydra_cfg.runtime.choices[group]) for group in GROUPS if group in hydra_cfg.runtime.choices}
-    name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith(("+sweep=", "sweep=", "logger")))
-    group = None
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # all jobs of a sweep share one W&B group
-        group = sweep_group(hydra_cfg, Path(hydra_cfg.sweep.dir))
-    return RunIdentity(choices, name, group)
+    chosen = hydra_cfg.runtime.choices
+    choices = {group: str(chosen[group]) for group in (*GROUPS, SINK_GROUP) if group in chosen}
+    identity = RunIdentity(choices, list(hydra_cfg.overrides.task))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        identity.sweep_name, identity.sweep_dir = chosen.get("sweep"), Path(hydra_cfg.sweep.dir)
+    return identity
 
 
 def check_single_run(cfg: DictConfig, hydra_cfg: DictConfig) -> None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp import checkpoint
 from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError, atomic_write
 from vitexp.config import config_diff, config_hash, semantic_config
-from vitexp.logger import RESULTS_FILE, WANDB_ID_FILE, write_json
+from vitexp.logger import RESULTS_FILE, write_json
 
 log = logging.getLogger("vitexp")
 
@@ -109,7 +109,8 @@ class RunDir:
         """
         if not self.last.exists():
             return None
-        advice = f"move {LAST_FILE}, {BEST_FILE} and {WANDB_ID_FILE} (if any) out of {self.path} to train from scratch"
+        # wandb_id: else the new run would continue the old one's W&B run
+        advice = f"move {LAST_FILE}, {BEST_FILE} and wandb_id (if any) out of {self.path} to train from scratch"
         try:
             state = checkpoint.load(self.last)
         except CheckpointError as err:

@@ -1,8 +1,10 @@
-"""Multirun integration: check the whole grid before anything is launched, and summarise it at the end.
+"""Multirun integration: check the whole sweep before anything is launched, and summarise it at the end.
 
 Hydra runs `SweepCallback.on_multirun_start` in the launching process before the sweeper submits a
-single job, so one bad combination stops the launch with nothing submitted. Jobs record their own
-failures (`failed.json`) instead of raising, so every job runs and `on_multirun_end` can list them all.
+single job, so one bad combination stops the launch with nothing submitted. A grid (Hydra's basic
+sweeper) is checked job by job; a sweeper that samples its jobs (Optuna) has no list to check, so each
+value of its search space is checked instead. Jobs record their own failures (`failed.json`) instead of
+raising, so every job runs and `on_multirun_end` can list them all, from the sweep's directory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import config_diff, config_hash, semantic_config, validate
-from vitexp.jobs import Job, expand_jobs, failure_line, job_state, varying_keys
-from vitexp.report import sweep_defaults, write_report
+from vitexp.jobs import Job, expected_jobs, failure_line, job_state, search_space, sweep_jobs, varying_keys
+from vitexp.logger import RunIdentity, Sinks
+from vitexp.report import Report, sweep_defaults, write_report
 from vitexp.rundir import HYDRA_DIR
 
 log = logging.getLogger("vitexp")
+
+
+def first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def checked_config(overrides: list[str], warnings: dict[str, None]) -> DictConfig:
+    """The validated config of these overrides, adding its warnings to `warnings`; raises what is wrong."""
+    from hydra import compose
+
+    cfg = compose(config_name="config", overrides=overrides)
+    warnings |= dict.fromkeys(validate(cfg).warnings())
+    return cfg
 
 
 def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
@@ -29,19 +45,14 @@ def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
 
     Returns the problems (any one stops the launch) and the distinct warnings of the jobs' configs.
     """
-    from hydra import compose
-
     problems: list[str] = []
     warnings: dict[str, None] = {}  # ordered, without repeats
     varying = varying_keys(jobs)
     for job in jobs:
-        shown = " ".join(job.varying(varying))
         try:
-            cfg = compose(config_name="config", overrides=job.overrides)
-            warnings |= dict.fromkeys(validate(cfg).warnings())
+            cfg = checked_config(job.overrides, warnings)
         except Exception as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            problems.append(f"job #{job.number} ({shown}): {message}")
+            problems.append(f"job #{job.number} ({' '.join(job.varying(varying))}): {first_line(err)}")
             continue
         state = job_state(job)
         if state == "running":
@@ -56,6 +67,26 @@ def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
     return problems, list(warnings)
 
 
+def check_search_space(hydra_cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """Validate the config of each value of each swept parameter (with the fixed overrides) for a sweeper that
+    samples: its jobs are not known before launch, but a value no job may take is. Returns problems and warnings.
+    """
+    fixed, swept = search_space(hydra_cfg)
+    warnings: dict[str, None] = {}
+    try:
+        checked_config(fixed, warnings)
+    except Exception as err:
+        return [f"the fixed overrides ({' '.join(fixed)}): {first_line(err)}"], []
+    problems = []
+    for parameter, overrides in swept.items():
+        for override in overrides:
+            try:
+                checked_config([*fixed, override], warnings)
+            except Exception as err:
+                problems.append(f"{parameter} at {override.partition('=')[2]}: {first_line(err)}")
+    return problems, list(warnings)
+
+
 def print_jobs(jobs: list[Job]) -> None:
     print(f"{len(jobs)} jobs")
     print(f"{'#':>4}  {'state':8}  {'directory':40}  overrides")
@@ -63,7 +94,31 @@ def print_jobs(jobs: list[Job]) -> None:
         print(f"{job.number:>4}  {job_state(job):8}  {job.directory!s:40}  {' '.join(job.overrides)}")
 
 
+def print_search_space(hydra_cfg: DictConfig) -> None:
+    """What a dry run of a sampling sweeper can show: the values checked for each swept parameter."""
+    trials = f", {hydra_cfg.sweeper.n_trials} trials" if "n_trials" in hydra_cfg.sweeper else ""
+    print(f"{hydra_cfg.sweeper._target_.rpartition('.')[2]} samples its jobs{trials}; each value below was checked")
+    for parameter, overrides in search_space(hydra_cfg)[1].items():
+        print(f"  {parameter}: {', '.join(o.partition('=')[2] for o in overrides)}")
+
+
 IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def log_report(report: Report, config: DictConfig) -> None:
+    """The report's table and plots to the sweep's logger sinks, as one `report` run beside the jobs'."""
+    sinks_config = OmegaConf.to_object(config.logger)
+    assert isinstance(sinks_config, dict)
+    rows = report.table_rows()
+    if not sinks_config or not rows:
+        return
+    sweep_name = config.hydra.runtime.choices.get("sweep")
+    identity = RunIdentity({}, sweep_name=sweep_name, sweep_dir=report.sweep_dir, role="report")
+    sinks = Sinks.build(sinks_config, report.sweep_dir, {}, identity)
+    try:
+        sinks.log_media({"sweep_report": rows}, {path.stem: path for path in report.plots})
+    finally:
+        sinks.finish(exit_code=0)
 
 
 class SweepCallback(Callback):
@@ -78,18 +133,28 @@ class SweepCallback(Callback):
         self.stop: StopSignals | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        jobs = expand_jobs(config.hydra, Path(config.hydra.sweep.dir))
-        problems, warnings = check_jobs(jobs)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = expected_jobs(config.hydra, sweep_dir)
+        problems, warnings = check_jobs(jobs) if jobs is not None else check_search_space(config.hydra)
         if problems:
-            print("error: nothing was launched; fix these jobs first:", file=sys.stderr)
+            print(
+                f"error: nothing was launched; fix these {'jobs' if jobs is not None else 'values'} first:",
+                file=sys.stderr,
+            )
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             sys.exit(2)
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if config.get("dry_run"):
-            print_jobs(jobs)
+            if jobs is not None:
+                print_jobs(jobs)
+            else:
+                print_search_space(config.hydra)
             sys.exit(0)
+        # `python -m vitexp.report` reads the sweep's config here: Hydra's basic sweeper writes it, not every sweeper
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")
         if config.hydra.launcher.get("_target_") == IN_PROCESS_LAUNCHER:
             self.stop = StopSignals().__enter__()
 
@@ -99,11 +164,10 @@ class SweepCallback(Callback):
             stopped_by = self.stop.requested
             self.stop.__exit__()
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = expand_jobs(config.hydra, sweep_dir)
+        jobs = sweep_jobs(sweep_dir, expected_jobs(config.hydra, sweep_dir))
         report = write_report(sweep_dir, jobs, sweep_defaults(config))
         log.info("sweep report: %s", report.markdown)
-        if config.logger.name == "wandb":
-            report.log_to_wandb(config)
+        log_report(report, config)
         failed = [job for job in jobs if job_state(job) != "done"]
         if not failed:
             return
