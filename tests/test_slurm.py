@@ -51,6 +51,11 @@ def test_sweep_runs_as_a_slurm_array_and_reports(tmp_path: Path) -> None:
     array_ids = {p.parent.name.split("_")[0] for p in logs}
     assert len(logs) == 4 and len(array_ids) == 1  # each job ran as a task of one SLURM array
     assert_report_means(tmp_path / "sweep", cells=2)
+    for number in range(4):  # SLURM's CPUs for the task, not every core of the node, size the job's threads
+        assert (
+            "CPU budget 1 (SLURM_CPUS_PER_TASK): 1 torch thread(s)"
+            in (tmp_path / "sweep" / str(number) / "train.log").read_text()
+        )
 
 
 def test_preempted_job_resumes_from_its_checkpoint_with_identical_weights(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.conftest import REPO
 from tests.sweeps import assert_report_means, job_results, logged_epochs, report_rows, sweep, sweep_command
 from tests.wandb_offline import offline_runs, read_offline_run
+from vitexp.device import available_cpus
 
 GRID = ["aug=none,cutmix", "seed=0,1"]
 
@@ -60,6 +61,10 @@ def test_submitit_local_launcher(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(job_results(tmp_path / "sweep")) == [0, 1]
     assert_report_means(tmp_path / "sweep", cells=2)
+    share = max(1, available_cpus() // 2)  # both jobs run at once: each gets half the CPUs, not all of them
+    for number in (0, 1):
+        log = (tmp_path / "sweep" / str(number) / "train.log").read_text()
+        assert f"CPU budget {share} (hydra.launcher.cpus_per_task): {share} torch thread(s)" in log
 
 
 def test_bad_grid_launches_nothing(tmp_path: Path) -> None:

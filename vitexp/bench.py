@@ -8,9 +8,11 @@ row (and appends the table to `--out`):
   lightning the same training written as a LightningModule + Trainer, as the seed lab does
   model     the scratch ViT vs torchvision's VisionTransformer of identical shape, forward + backward
   wait      the share of the training step spent waiting for data, vitexp's path vs workers decoding JPEGs
+  gpu       (CUDA only) real vs synthetic data throughput, and MFU (any model) against the GPU's bf16 peak
   recipe    the +experiment=vit_cifar10 recipe's images/s as shipped (AutoAugment workers) vs data on device
-  gpu       (CUDA only) real vs synthetic data throughput, and MFU against the GPU's bf16 peak
 The last three time vitexp's Trainer against variants of itself; they live in `bench_trainer.py`.
+Options left out are sized for the device (`DEFAULTS`): every row in minutes on a small CPU, the GPU-sized
+rows on CUDA. Each row says on stderr when it starts; its table row is printed as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,17 +33,19 @@ from PIL import Image
 
 from vitexp.augment import BatchAugment
 from vitexp.bench_trainer import (
+    CONF,
     Row,
     bench_gpu,
     bench_recipe,
     bench_wait,
     build_trainer,
-    sync,
+    model_config,
     timed,
     timed_steps,
     write_pets_like,
 )
-from vitexp.config import AugConfig, DataConfig
+from vitexp.config import AugConfig, ConfigError, DataConfig
+from vitexp.device import device_name, select_device, synchronize
 from vitexp.feed import DeviceData, EpochOrder
 from vitexp.models import ViTConfig, build_model, count_parameters
 from vitexp.pets import PetsImages, cached
@@ -209,7 +214,7 @@ def bench_lightning(args: argparse.Namespace, device: torch.device) -> list[Row]
                 self.times: list[float] = []
 
             def on_train_batch_start(self, *args: object) -> None:
-                sync(device)
+                synchronize(device)
                 self.times.append(time.perf_counter())
 
         clock = StepClock()
@@ -242,15 +247,19 @@ def bench_lightning(args: argparse.Namespace, device: torch.device) -> list[Row]
     ]
 
 
+MODEL_ROW = "model: scratch ViT vs torchvision ViT (fwd+bwd)"
+
+
 def bench_model(args: argparse.Namespace, device: torch.device) -> list[Row]:
     from torchvision.models import VisionTransformer as TorchvisionViT
 
-    cfg = ViTConfig() if args.model == "vit" else None
-    if cfg is None:
-        return []
+    cfg = model_config(args)
+    if not isinstance(cfg, ViTConfig):  # torchvision's ViT is the reference for the scratch ViT only
+        return [(MODEL_ROW, "—", "—", "—", f"n/a for {args.model}")]
     ours = build_model(cfg, 37, args.img_size).to(device)
+    mlp = int(cfg.dim * cfg.mlp_ratio)
     theirs = TorchvisionViT(
-        args.img_size, cfg.patch_size, cfg.depth, cfg.heads, cfg.dim, int(cfg.dim * cfg.mlp_ratio), num_classes=37
+        args.img_size, cfg.patch_size, cfg.depth, cfg.heads, cfg.dim, mlp, cfg.dropout, cfg.dropout, num_classes=37
     ).to(device)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
@@ -264,18 +273,14 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> list[Row]:
         return run
 
     step(ours)(), step(theirs)()
-    t_ours = min(timed(device, step(ours)) for _ in range(3))
-    t_theirs = min(timed(device, step(theirs)) for _ in range(3))
+    t_ours, t_theirs = float("inf"), float("inf")
+    for _ in range(3):  # interleaved, so a slow spell of the machine hits both sides
+        t_ours = min(t_ours, timed(device, step(ours)))
+        t_theirs = min(t_theirs, timed(device, step(theirs)))
     n = args.steps * args.batch_size
     assert count_parameters(ours) == count_parameters(theirs)
     return [
-        (
-            "model: scratch ViT vs torchvision ViT (fwd+bwd)",
-            f"{n / t_ours:,.0f} img/s",
-            f"{n / t_theirs:,.0f} img/s",
-            f"{t_theirs / t_ours:.2f}x",
-            ">= 1.0x",
-        )
+        (MODEL_ROW, f"{n / t_ours:,.0f} img/s", f"{n / t_theirs:,.0f} img/s", f"{t_theirs / t_ours:.2f}x", ">= 1.0x")
     ]
 
 
@@ -285,52 +290,129 @@ BENCHMARKS = {
     "lightning": bench_lightning,
     "model": bench_model,
     "wait": bench_wait,
-    "recipe": bench_recipe,
     "gpu": bench_gpu,
+    "recipe": bench_recipe,  # last: it runs the recipe's own model and shape, under a header of its own
+}
+ABOUT = {  # the progress line of each row
+    "pipeline": "vitexp's data path vs a torchvision DataLoader, one epoch of Pets-like JPEGs",
+    "overhead": "vitexp's training step vs a bare PyTorch loop",
+    "lightning": "vitexp's training step vs the same training in Lightning",
+    "model": "the scratch ViT vs torchvision's, forward + backward",
+    "wait": "data-wait share of the step, cached data vs workers decoding JPEGs",
+    "gpu": "real vs synthetic data, and MFU",
+    "recipe": "+experiment=vit_cifar10 as shipped vs its data on the device",
 }
 
+# The sizes each device gets when an option is not given: every row in about two minutes on a 2-core CPU
+# (the small shapes of docs/benchmarks.md), the GPU-sized rows on CUDA (ViT-S/16 at 224 px, compiled).
+DEFAULTS = {
+    "cpu": {
+        "model": "vit",
+        "img_size": 32,
+        "batch_size": 32,
+        "steps": 20,
+        "images": 512,
+        "workers": 2,
+        "compile": False,
+    },
+    "cuda": {
+        "model": "vit_small",
+        "img_size": 224,
+        "batch_size": 128,
+        "steps": 20,
+        "images": 1024,
+        "workers": min(8, os.cpu_count() or 1),
+        "compile": True,
+    },
+}
+# ... and where one row needs other sizes than the rest on that device: on the CPU the pipeline at 64 px
+# (at 32 px the resize is nothing), and one step per timed epoch of the recipe (batch 128, seconds a step).
+ROW_DEFAULTS = {"cpu": {"pipeline": {"img_size": 64, "batch_size": 64}, "recipe": {"steps": 1}}, "cuda": {}}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", default=",".join(BENCHMARKS), help="comma-separated benchmarks")
-    parser.add_argument("--model", default="vit", help="a conf/model option")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="training steps timed per repetition")
-    parser.add_argument("--images", type=int, default=512, help="JPEGs in the pipeline benchmark")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both pipelines")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--compile", action="store_true", help="torch.compile in the gpu benchmark")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
-    parser.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
-    args = parser.parse_args()
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
+
+def benchmark_names(value: str) -> list[str]:
+    """`--what`: comma-separated names of BENCHMARKS, in the order given."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark {', '.join(unknown) or repr(value)}; choose from {', '.join(BENCHMARKS)}"
+        )
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sized = "default: set by the device"
+    cli.add_argument("--what", type=benchmark_names, help=f"comma-separated: {','.join(BENCHMARKS)} (default: all)")
+    cli.add_argument("--model", choices=models, help=f"a conf/model option ({sized})")
+    cli.add_argument("--img-size", type=int, help=sized)
+    cli.add_argument("--batch-size", type=int, help=sized)
+    cli.add_argument("--steps", type=int, help=f"training steps timed per repetition ({sized})")
+    cli.add_argument("--images", type=int, help=f"JPEGs in the pipeline, wait and gpu benchmarks ({sized})")
+    cli.add_argument("--workers", type=int, help=f"DataLoader workers for both pipelines ({sized})")
+    cli.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    cli.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile in the gpu and recipe benchmarks (default: on with CUDA)",
     )
-    args.device = device.type
-    header = (
-        f"{device_name(device)} · torch {torch.__version__} · model {args.model} · "
-        f"{args.img_size}px · batch {args.batch_size} · {args.steps} steps · {args.workers} workers"
-    )
-    lines = [f"### {header}", "", "| benchmark | vitexp | baseline | ratio | target |", "|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    for name in args.what.split(","):
-        for row in BENCHMARKS[name](args, device):
+    cli.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    cli.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
+    return cli
+
+
+def row_settings(args: argparse.Namespace, device_type: str) -> dict[str, argparse.Namespace]:
+    """The options each requested row runs with: those given on the command line, the rest from the
+    device's defaults (and the row's own defaults on that device)."""
+    sizes = "cuda" if device_type == "cuda" else "cpu"  # any other device is sized as a CPU
+    settings = {}
+    for name in args.what or list(BENCHMARKS):
+        filled = {**DEFAULTS[sizes], **ROW_DEFAULTS[sizes].get(name, {})}
+        given = {key: value for key, value in vars(args).items() if value is not None}
+        settings[name] = argparse.Namespace(**{**vars(args), **filled, **given, "device": device_type})
+    return settings
+
+
+def header(device: torch.device, name: str, s: argparse.Namespace) -> str:
+    """The settings row `name` runs with, for the header of its table."""
+    steps = f"{s.steps} step{'s' if s.steps != 1 else ''}"
+    if name == "recipe":  # the recipe fixes its own model, shape and data
+        shape = f"`+experiment=vit_cifar10` (its own ViT, 32px, batch 128) · {steps}"
+    else:
+        shape = f"model {s.model} · {s.img_size}px · batch {s.batch_size} · {steps} · {s.images} JPEGs"
+    compiled = " · compile" if s.compile else ""
+    return f"{device_name(device)} · torch {torch.__version__} · {shape} · {s.workers} workers{compiled}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parser()
+    args = cli.parse_args(argv)
+    try:
+        device = select_device(args.device)
+    except ConfigError as err:
+        cli.error(str(err))
+    settings = row_settings(args, device.type)
+    lines: list[str] = []
+    shown = None
+    start = time.perf_counter()
+    for i, (name, s) in enumerate(settings.items(), 1):
+        title = header(device, name, s)
+        if title != shown:  # a new table whenever a row runs with other settings than the one above
+            table = [f"### {title}", "", "| benchmark | vitexp | baseline | ratio | target |", "|---|---|---|---|---|"]
+            print(("\n" if lines else "") + "\n".join(table), flush=True)
+            lines += ([""] if lines else []) + table
+            shown = title
+        elapsed = time.perf_counter() - start
+        print(f"[bench] {name} ({i}/{len(settings)}, {elapsed:.0f} s): {ABOUT[name]} ...", file=sys.stderr, flush=True)
+        for row in BENCHMARKS[name](s, device):
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
+    print(f"[bench] done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if args.out:
         with args.out.open("a") as file:
             file.write("\n".join(lines) + "\n\n")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -17,22 +17,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitexp.config import ModelConfig
+from vitexp.device import synchronize
 from vitexp.groups import register_schemas
 from vitexp.models import VisionTransformer
 
 Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def timed(device: torch.device, work: Callable[[], object]) -> float:
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     work()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -63,19 +61,33 @@ def build_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str],
     return compose_trainer(args, run_dir, [*shape, data, "trainer.clip_grad_norm=0", *overrides])
 
 
-def compose_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str]):
-    """A Trainer composed from conf/ with these overrides, on the benchmark's device."""
+def compose_config(args: argparse.Namespace, overrides: list[str]):
+    """The config composed from conf/ with these overrides, on the benchmark's device: (typed, raw)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from vitexp.config import validate
-    from vitexp.engine import Trainer
 
     register_schemas()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=["logger=none", f"trainer.device={args.device}", *overrides])
-    return Trainer(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), {})
+    return validate(cfg), cfg
+
+
+def compose_trainer(args: argparse.Namespace, run_dir: Path, overrides: list[str]):
+    """A Trainer composed from conf/ with these overrides, on the benchmark's device."""
+    from omegaconf import OmegaConf
+
+    from vitexp.engine import Trainer
+
+    typed, cfg = compose_config(args, overrides)
+    return Trainer(typed, run_dir, OmegaConf.to_container(cfg, resolve=True), {})
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The `--model` option as composed from conf/model (a preset such as vit_small included), checked
+    against `--img-size`."""
+    shape = [f"model={args.model}", f"data.img_size={args.img_size}", "data=synthetic"]
+    return compose_config(args, shape)[0].model
 
 
 def pets_trainer(args: argparse.Namespace, run_dir: Path, root: Path, overrides: list[str]):
@@ -116,6 +128,19 @@ def epoch_cost(trainer, device: torch.device, steps: int) -> tuple[float, float,
     long, wait = timed_steps(trainer, device, 2 * n)  # ... over 2n steps
     step = 2 * long - short  # (2n * long - n * short) / n
     return step, max(0.0, n * (short - step)), wait
+
+
+def train_flops(model: torch.nn.Module, img_size: int, device: torch.device) -> float:
+    """Training FLOPs per image of any model, for MFU: the ViT's formula for a ViT (torch's counter misses
+    attention on some backends), else torch's FLOP counter over one forward and backward pass."""
+    if isinstance(model, VisionTransformer):
+        return vit_train_flops(model, img_size)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, img_size, img_size, device=device)).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def vit_train_flops(model: VisionTransformer, img_size: int) -> float:
@@ -187,7 +212,7 @@ def bench_gpu(args: argparse.Namespace, device: torch.device) -> list[Row]:
         root = write_pets_like(Path(tmp) / "pets", args.images)
         real = pets_trainer(args, Path(tmp) / "real", root, compile_flag)
         real_step, real_wait = timed_steps(real, device, args.steps)
-        mfu = vit_train_flops(synthetic.model, args.img_size) * args.batch_size / synthetic_step
+        mfu = train_flops(synthetic.model, args.img_size, device) * args.batch_size / synthetic_step
         mfu /= args.peak_tflops * 1e12
     return [
         (

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitexp.device import cuda_rng_state, set_cuda_rng_state
+
 LAST_FILE = "last.pt"  # every piece of training state, written every epoch and at a stop
 BEST_FILE = "best.pt"  # the weights of the best validation epoch, which the test runs on
 
@@ -94,7 +96,7 @@ def rng_state() -> dict[str, Any]:
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda_rng_state(),
         "numpy": numpy_state,
         "python": random.getstate(),
     }
@@ -102,8 +104,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_cuda_rng_state(state["cuda"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):  # the key array was stored as a tensor; older checkpoints hold the legacy tuple
         numpy_state = numpy_state | {"state": numpy_state["state"] | {"key": numpy_state["state"]["key"].numpy()}}

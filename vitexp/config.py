@@ -59,6 +59,7 @@ class AugConfig(GroupConfig):
 
 
 POLICIES = ("none", "autoaugment", "trivialaugment", "randaugment")
+RESAMPLES = ("auto", "grid_sample")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DataConfig(GroupConfig):
     cache_dir: str | None = None  # where the cache and locks live; None: next to the dataset (Pets, under data.root)
     on_device: str = "auto"  # keep the uint8 splits on the training device: auto, true or false
     policy: str = "none"  # per-image CPU policy in DataLoader workers: autoaugment, trivialaugment, randaugment
+    resample: str = "auto"  # the crop's resize: auto (per-image uint8 on CPU, grid_sample on GPU) or grid_sample
     batch_size: int = 64  # training images per micro-batch (trainer.accumulate micro-batches per step)
     eval_batch_size: int = 256  # validation and test batches (no activations kept, so larger)
     num_workers: int = 4  # DataLoader processes, when batches come from the CPU
@@ -89,6 +91,7 @@ class DataConfig(GroupConfig):
         yield "img_size", self.img_size >= 8, "an integer >= 8"
         yield "on_device", self.on_device.lower() in ("auto", "true", "false"), "auto, true or false"
         yield "policy", self.policy in POLICIES, f"one of {', '.join(POLICIES)}"
+        yield "resample", self.resample in RESAMPLES, f"one of {', '.join(RESAMPLES)}"
         yield (
             "on_device",
             not (self.on_device.lower() == "true" and self.policy != "none"),
@@ -158,6 +161,7 @@ class TrainerConfig(GroupConfig):
     max_nonfinite: int = 10  # consecutive skipped non-finite steps before the run fails
     log_every: int = 50  # steps between plain log lines when not on a terminal
     deterministic: bool = False  # deterministic kernels where torch has them (slower; warns where not)
+    threads: int | None = None  # CPUs for torch and DataLoader workers; None: SLURM's, the launcher's, or all
 
     def rules(self) -> Iterator[Rule]:
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -171,6 +175,7 @@ class TrainerConfig(GroupConfig):
         yield "clip_grad_norm", self.clip_grad_norm >= 0, "a float >= 0 (0 disables)"
         yield "max_nonfinite", self.max_nonfinite >= 1, "an integer >= 1"
         yield "log_every", self.log_every >= 1, "an integer >= 1"
+        yield "threads", self.threads is None or self.threads >= 1, "an integer >= 1, or null"
 
 
 @dataclass
@@ -324,19 +329,33 @@ VOLATILE_KEYS = (
     "data.cache_dir",
     "trainer.log_every",
     "trainer.device",
+    "trainer.threads",
 )
 
 
+# Keys added after runs were made, with the value that does what runs did before the key existed: a run
+# made before then has the same experiment's hash as one that sets the key to that value, so it still resumes.
+ADDED_KEYS: dict[str, Any] = {"data.resample": "auto"}
+
+
 def semantic_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without VOLATILE_KEYS: what must match for two runs to be the same experiment."""
+    """The config without VOLATILE_KEYS (nor ADDED_KEYS at their old behaviour): what must match for two runs
+    to be the same experiment."""
     clean = json.loads(json.dumps(config))
-    for key in VOLATILE_KEYS:
+    for key in VOLATILE_KEYS + tuple(key for key, old in ADDED_KEYS.items() if _lookup(clean, key) == old):
         *parents, leaf = key.split(".")
         node = clean
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
     return clean
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from vitexp.augment import BatchAugment
 from vitexp.cluster import StopSignals
 from vitexp.config import Config, ConfigError, config_hash
 from vitexp.data import build_splits
-from vitexp.device import autocast, autocast_dtype, select_device
+from vitexp.device import autocast, autocast_dtype, plan_threads, select_device
 from vitexp.feed import Feed
 from vitexp.guard import NonFiniteError, NonFiniteSteps, check_weights
 from vitexp.logger import METRICS_FILE, MetricsFiles, Sink, Sinks, read_jsonl
@@ -115,6 +115,7 @@ class Trainer:
         choices: dict[str, str],
         stop: StopSignals | None = None,
         hooks: Sequence[Hook] = (),
+        launcher_cpus: int | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
         self.stop = stop
@@ -135,7 +136,11 @@ class Trainer:
                 f"data.batch_size={data.batch_size} x trainer.accumulate={cfg.trainer.accumulate} is more than the "
                 f"{len(self.splits.train)} training images: lower them"
             )
-        self.feed = Feed(self.splits, data, self.device, micro_batches, seed=cfg.seed)
+        self.threads = plan_threads(cfg.trainer.threads, launcher_cpus, data.num_workers)
+        feed_data = replace(data, num_workers=self.threads.workers)
+        self.feed = Feed(self.splits, feed_data, self.device, micro_batches, seed=cfg.seed)
+        if (threads := self.threads.training_threads(loaders=not self.feed.resident)) is not None:
+            torch.set_num_threads(threads)
         self.steps_per_epoch = micro_batches // cfg.trainer.accumulate
 
         self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
@@ -335,8 +340,9 @@ class Trainer:
         sizes = (len(self.splits.train), len(self.splits.val), len(self.splits.test))
         precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         model = self.choices.get("model", self.cfg.model.name)
-        line = "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s"
-        log.info(line, model, f"{self.params:,}", *sizes, self.device, precision)
+        line = "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s; %s"
+        threads = self.threads.describe(loaders=not self.feed.resident)
+        log.info(line, model, f"{self.params:,}", *sizes, self.device, precision, threads)
         if state is not None:
             self.load_state_dict(state)
             log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)

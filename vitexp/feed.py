@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import v2
 
 from vitexp.config import ConfigError, DataConfig
+from vitexp.device import free_memory
 from vitexp.splits import Splits
 
 log = logging.getLogger("vitexp")
@@ -142,8 +143,12 @@ def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sam
     )
 
 
-def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bool:
-    """Whether the splits live on the training device (batches by indexing) instead of behind a DataLoader."""
+def keep_on_device(data: DataConfig, splits: Splits, free_bytes: int | None) -> bool:
+    """Whether the splits live on the training device (batches by indexing) instead of behind a DataLoader.
+
+    `auto` keeps them there unless they would take more than `DEVICE_MEMORY_SHARE` of the device's free
+    memory (`free_bytes`; None for the CPU, where they already are).
+    """
     mode = data.on_device.lower()
     in_memory = all(isinstance(getattr(splits, name), TensorDataset) for name in SPLITS)
     if mode == "false" or data.policy != "none":
@@ -152,11 +157,10 @@ def keep_on_device(data: DataConfig, splits: Splits, device: torch.device) -> bo
         if mode == "true":
             raise ConfigError("data.on_device=true is not allowed with data.cache=false: the images are not in memory")
         return False
-    if mode == "true" or device.type != "cuda":
+    if mode == "true" or free_bytes is None:
         return True
     size = sum(t.nelement() * t.element_size() for name in SPLITS for t in getattr(splits, name).tensors)
-    free, _ = torch.cuda.mem_get_info(device)
-    if size > DEVICE_MEMORY_SHARE * free:
+    if size > DEVICE_MEMORY_SHARE * free_bytes:
         log.info(
             "data (%.1f GB) stays in host memory: more than %d%% of free GPU memory",
             size / 1e9,
@@ -173,7 +177,7 @@ class Feed:
     def __init__(self, splits: Splits, data: DataConfig, device: torch.device, batches_per_epoch: int, seed: int):
         self.data = data
         self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed=seed)
-        self.resident = keep_on_device(data, splits, device)
+        self.resident = keep_on_device(data, splits, free_memory(device))
         if self.resident:
             self.device_data = {name: DeviceData(getattr(splits, name), device) for name in SPLITS}
             return

@@ -26,7 +26,9 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict, read_write
+
+from vitexp.device import available_cpus
 
 if TYPE_CHECKING:
     from submitit import Job
@@ -144,7 +146,30 @@ class WaitingLauncher(plugin.BaseSubmititLauncher):
 
 
 class LocalLauncher(WaitingLauncher, plugin.LocalLauncher):
-    """`hydra/launcher=submitit_local`: a job is lost when its process has exited without a result."""
+    """`hydra/launcher=submitit_local`: a job is lost when its process has exited without a result.
+
+    submitit starts every job of the sweep at once on this machine. Unless `hydra.launcher.cpus_per_task`
+    is set, each job gets an equal share of the CPUs for its torch threads and DataLoader workers
+    (`trainer.threads` reads it), instead of every job using every core.
+    """
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None
+        launcher = self.config.hydra.launcher
+        if launcher.get("cpus_per_task") is None:
+            share = max(1, available_cpus() // len(job_overrides))
+            # each job composes its config again from the command line's hydra overrides: add this one to them
+            with open_dict(self.config), read_write(self.config):
+                launcher.cpus_per_task = share
+                self.config.hydra.overrides.hydra.append(f"hydra.launcher.cpus_per_task={share}")
+            log.info(
+                "submitit_local runs all %d jobs at once: %d of %d CPUs each (set hydra.launcher.cpus_per_task to "
+                "change it)",
+                len(job_overrides),
+                share,
+                available_cpus(),
+            )
+        return super().launch(job_overrides, initial_job_idx)
 
     def gone(self, jobs: list[Job[Any]]) -> set[str]:
         return {job.job_id for job in jobs if job.done()}  # LocalJob.done: its process is no longer running

@@ -72,7 +72,7 @@ def _train(
     stop: StopSignals | None,
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    trainer = Trainer(typed, directory.path, config, identity.choices, stop)
+    trainer = Trainer(typed, directory.path, config, identity.choices, stop, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
         results = trainer.fit(sinks, state)
@@ -81,6 +81,15 @@ def _train(
         raise
     sinks.finish(exit_code=0)
     return results
+
+
+def launcher_cpus() -> int | None:
+    """The CPUs the sweep's launcher gives each job (`hydra.launcher.cpus_per_task`), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().launcher.get("cpus_per_task")
 
 
 def identity_from_hydra(hydra_cfg: DictConfig) -> RunIdentity:
