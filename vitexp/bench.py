@@ -10,7 +10,7 @@ row (and appends the table to `--out`):
   wait      the share of the training step spent waiting for data, vitexp's path vs workers decoding JPEGs
   gpu       (CUDA only) real vs synthetic data throughput, and MFU (any model) against the GPU's bf16 peak
   recipe    the +experiment=vit_cifar10 recipe's images/s as shipped (AutoAugment workers) vs data on device
-The last three time vitexp's Trainer against variants of itself; they live in `bench_trainer.py`.
+The rows that time vitexp's Trainer (overhead, wait, recipe, gpu) live in `bench_trainer.py`.
 Options left out are sized for the device (`DEFAULTS`): every row in minutes on a small CPU, the GPU-sized
 rows on CUDA. Each row says on stderr when it starts; its table row is printed as soon as it is measured.
 """
@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from vitexp.bench_trainer import (
     CONF,
     Row,
     bench_gpu,
+    bench_overhead,
     bench_recipe,
     bench_wait,
     build_trainer,
@@ -120,54 +121,6 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device) -> list[Row]:
             ">= 10x",
         ),
         ("pipeline: one-time decode into the cache", f"{build:.2f} s", "—", "—", "once per dataset and size"),
-    ]
-
-
-def bare_loop(
-    model: torch.nn.Module,
-    batches: Callable[[], Iterator],
-    augment: BatchAugment,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    lr: float,
-) -> None:
-    """What a user would write by hand: the reference for vitexp's per-step overhead."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)  # as vitexp: compare the loops, not optimizers
-    model.train()
-    for images, labels in batches():
-        inputs, targets = augment(images, labels)
-        with autocast():
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def bench_overhead(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args, Path(tmp), [])
-        reference = copy.deepcopy(trainer.model)
-        data = trainer.feed.device_data["train"]
-
-        def batches() -> Iterator:
-            return data.batches(args.batch_size, torch.arange(args.steps * args.batch_size) % len(data))
-
-        def bare_steps() -> float:
-            return timed(device, lambda: bare_loop(reference, batches, trainer.augment, trainer.autocast, 1e-3))
-
-        bare_steps()  # warm-up
-        ours, bare = float("inf"), float("inf")
-        for _ in range(3):  # interleaved, so a slow spell of the machine hits both sides
-            ours = min(ours, timed_steps(trainer, device, args.steps, repeats=1)[0])
-            bare = min(bare, bare_steps() / args.steps)
-    return [
-        (
-            "overhead: training step vs a bare loop",
-            f"{ours * 1e3:.1f} ms/step",
-            f"{bare * 1e3:.1f} ms/step",
-            f"{ours / bare:.3f}x the bare loop",
-            "<= 1.02x",
-        )
     ]
 
 

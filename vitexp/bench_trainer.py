@@ -1,22 +1,26 @@
 """vitexp's Trainer on the bench: a real Trainer composed from conf/, the seconds per step of its training
-loop (through `Trainer.train_steps`, the loop `fit` runs), and the rows that time it against variants of
-itself — wait, recipe and gpu, described with the others in `bench.py`, which holds the command line and
-the rows against other tools. Also the pieces every row uses: timing that waits for the device, and
+loop (through `Trainer.train_steps`, the loop `fit` runs), and the rows that time it: overhead (against a
+bare loop), wait, recipe and gpu, described with the others in `bench.py`, which holds the command line
+and the rows against other tools. Also the pieces every row uses: timing that waits for the device, and
 Pets-like JPEGs on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from vitexp.augment import BatchAugment
 from vitexp.config import ModelConfig
 from vitexp.device import synchronize
 from vitexp.groups import register_schemas
@@ -152,6 +156,54 @@ def vit_train_flops(model: VisionTransformer, img_size: int) -> float:
     attention = len(blocks) * 2 * tokens * tokens * dim  # q @ k and attn @ v
     patch = model.patch_embed.weight.numel() * (tokens - 1)
     return 3 * 2 * (matmul_params * tokens + attention + patch + model.head.weight.numel())
+
+
+def bare_loop(
+    model: torch.nn.Module,
+    batches: Callable[[], Iterator],
+    augment: BatchAugment,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    lr: float,
+) -> None:
+    """What a user would write by hand: the reference for vitexp's per-step overhead."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)  # as vitexp: compare the loops, not optimizers
+    model.train()
+    for images, labels in batches():
+        inputs, targets = augment(images, labels)
+        with autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def bench_overhead(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(args, Path(tmp), [])
+        reference = copy.deepcopy(trainer.model)
+        data = trainer.feed.device_data["train"]
+
+        def batches() -> Iterator:
+            return data.batches(args.batch_size, torch.arange(args.steps * args.batch_size) % len(data))
+
+        def bare_steps() -> float:
+            return timed(device, lambda: bare_loop(reference, batches, trainer.augment, trainer.autocast, 1e-3))
+
+        bare_steps()  # warm-up
+        ours, bare = float("inf"), float("inf")
+        for _ in range(3):  # interleaved, so a slow spell of the machine hits both sides
+            ours = min(ours, timed_steps(trainer, device, args.steps, repeats=1)[0])
+            bare = min(bare, bare_steps() / args.steps)
+    return [
+        (
+            "overhead: training step vs a bare loop",
+            f"{ours * 1e3:.1f} ms/step",
+            f"{bare * 1e3:.1f} ms/step",
+            f"{ours / bare:.3f}x the bare loop",
+            "<= 1.02x",
+        )
+    ]
 
 
 def bench_wait(args: argparse.Namespace, device: torch.device) -> list[Row]:
