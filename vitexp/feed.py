@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import v2
 
 from vitexp.config import ConfigError, DataConfig
-from vitexp.device import free_memory
+from vitexp.device import free_memory, to_device_async
 from vitexp.splits import Splits
 
 log = logging.getLogger("vitexp")
@@ -70,7 +70,7 @@ class DeviceData:
             for start in range(0, len(self), batch_size):
                 yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
             return
-        indices = indices.to(self.images.device)
+        indices = to_device_async(indices, self.images.device)  # once an epoch; on a GPU without waiting for it
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             yield self.take(batch), self.labels.index_select(0, batch)
