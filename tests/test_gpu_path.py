@@ -27,7 +27,7 @@ from vitexp.device import (
     to_device_async,
 )
 from vitexp.engine import Trainer
-from vitexp.feed import DEVICE_MEMORY_SHARE, keep_on_device
+from vitexp.feed import DEVICE_MEMORY_SHARE, DeviceData, keep_on_device
 from vitexp.logger import read_jsonl
 from vitexp.models import VisionTransformer
 from vitexp.run import RunIdentity
@@ -172,3 +172,16 @@ def test_the_channels_last_branch_trains_and_evaluates(make_cfg, tmp_path: Path)
     trainer.model = trainer.forward = trainer.model.to(memory_format=torch.contiguous_format)
     contiguous = trainer.evaluate("val")
     assert in_channels_last["loss"] == pytest.approx(contiguous["loss"], rel=1e-4)  # a layout, not another model
+
+
+def test_both_layouts_of_device_data_gather_the_same_batches() -> None:
+    """A GPU keeps its images contiguous (one `index_select`), the CPU channels_last (whole NHWC images):
+    the same batches either way."""
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    on_cpu = DeviceData(TensorDataset(images.clone(), torch.arange(10)), CPU)
+    assert on_cpu.images.is_contiguous(memory_format=torch.channels_last)
+    as_on_gpu = DeviceData(TensorDataset(images.clone(), torch.arange(10)), CPU)
+    as_on_gpu.images = as_on_gpu.images.contiguous()  # the layout DeviceData keeps on CUDA
+    order = torch.tensor([7, 2, 9, 0, 4, 4])
+    for (a, labels_a), (b, labels_b) in zip(on_cpu.batches(3, order), as_on_gpu.batches(3, order), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, images[labels_a]) and torch.equal(labels_a, labels_b)
