@@ -28,7 +28,7 @@ def test_every_group_has_the_options_the_docs_promise() -> None:
     assert OPTIONS["model"] == ["resnet18", "vit", "vit_small", "vit_tiny"]
     assert OPTIONS["aug"] == ["cutmix", "cutout", "mixup", "none"]
     assert {"pets", "digits"} <= set(OPTIONS["data"])
-    assert OPTIONS["optim"] == ["adamw", "sgd"]
+    assert OPTIONS["optim"] == ["adam", "adamw", "sgd"]
     assert OPTIONS["sched"] == ["cosine", "none"]
     assert OPTIONS["logger"] == ["none", "tensorboard", "wandb"]
 

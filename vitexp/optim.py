@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules: the `optim` and `sched` groups' options and their builders.
 
-Both optimizers are fused (CPU and CUDA): one kernel per step that can also skip a non-finite step on
+Every optimizer is fused (CPU and CUDA): one kernel per step that can also skip a non-finite step on
 the device (`found_inf`), so the training loop never waits for the GPU. A schedule is a per-step factor
 of `optim.lr` (LambdaLR), counted in optimizer steps, skipped ones included.
 """
@@ -35,6 +35,15 @@ class AdamWConfig(OptimConfig):
 
 
 @dataclass
+class AdamConfig(AdamWConfig):
+    """Adam with coupled L2 weight decay (added to the gradient) on every parameter, as the KunViT recipe
+    trains; AdamW decouples the decay and spares norms, biases and tokens."""
+
+    name: str = "adam"
+    weight_decay: float = 5e-5  # L2 on every parameter, norms and biases included (the KunViT recipe's value)
+
+
+@dataclass
 class SGDConfig(OptimConfig):
     name: str = "sgd"
     lr: float = 0.1
@@ -56,6 +65,13 @@ class SGDConfig(OptimConfig):
 def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+
+
+@OPTIMIZERS.register("adam", AdamConfig)
+def build_adam(cfg: AdamConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
+    )
 
 
 @OPTIMIZERS.register("sgd", SGDConfig)
