@@ -14,6 +14,7 @@ LAYERS = [
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
+    {"averaging"},  # weight averages that train along (engine hooks)
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states

@@ -162,6 +162,8 @@ class TrainerConfig(GroupConfig):
     log_every: int = 50  # steps between plain log lines when not on a terminal
     deterministic: bool = False  # deterministic kernels where torch has them (slower; warns where not)
     threads: int | None = None  # CPUs for torch and DataLoader workers; None: SLURM's, the launcher's, or all
+    ema_decay: float = 0.0  # an exponential moving average of the weights, validated and tested too; 0: off
+    ema_warmup: bool = False  # timm's EMA warmup: decay min(ema_decay, (1 + step) / (10 + step))
 
     def rules(self) -> Iterator[Rule]:
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -176,6 +178,7 @@ class TrainerConfig(GroupConfig):
         yield "max_nonfinite", self.max_nonfinite >= 1, "an integer >= 1"
         yield "log_every", self.log_every >= 1, "an integer >= 1"
         yield "threads", self.threads is None or self.threads >= 1, "an integer >= 1, or null"
+        yield "ema_decay", 0 <= self.ema_decay < 1, "a float in [0, 1) (0 turns the EMA off)"
 
 
 @dataclass
@@ -335,7 +338,7 @@ VOLATILE_KEYS = (
 
 # Keys added after runs were made, with the value that does what runs did before the key existed: a run
 # made before then has the same experiment's hash as one that sets the key to that value, so it still resumes.
-ADDED_KEYS: dict[str, Any] = {"data.resample": "auto"}
+ADDED_KEYS: dict[str, Any] = {"data.resample": "auto", "trainer.ema_decay": 0.0, "trainer.ema_warmup": False}
 
 
 def semantic_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -69,16 +69,23 @@ DATA_WAIT_WARNING = 0.2  # an epoch that waited for data longer than this share 
 class Hook:
     """A part of training that is not the loop itself, called at the loop's extension points in list order.
 
-    This is enough for what comes next: EMA (`after_step` updates the average, `eval_model` has it
-    evaluated and saved as best.pt, `state_dict` checkpoints it), SWA (the same from a start epoch) and
-    early stopping (`after_epoch` sets `trainer.finish_early`). The defaults do nothing.
+    The EMA (`vitexp.averaging`) is one: `start` copies the weights, `after_step` updates the average,
+    `after_epoch` validates it, `finish` tests it and `state_dict` checkpoints it. SWA can do the same from
+    a start epoch, early stopping set `trainer.finish_early` in `after_epoch`, and a hook whose weights
+    should replace the trained ones everywhere returns them from `eval_model`. The defaults do nothing.
     """
 
+    def start(self, trainer: Trainer) -> None:
+        """When `fit` starts training, after a resumed run's state is loaded."""
+
     def after_step(self, trainer: Trainer) -> None:
-        """After each optimizer step (applied or skipped)."""
+        """After each optimizer step (applied or skipped: `trainer.step_finite` says which)."""
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """After an epoch's validation, with its metrics row, before `last.pt` is written."""
+
+    def finish(self, trainer: Trainer, results: dict[str, Any]) -> None:
+        """After the test, before results.json is written: add this hook's own results."""
 
     def eval_model(self, trainer: Trainer) -> nn.Module | None:
         """A model to validate, save as best.pt and test instead of the trained one, or None."""
@@ -161,6 +168,7 @@ class Trainer:
         self.nonfinite = NonFiniteSteps(self.device, cfg.trainer.max_nonfinite)
         self.data_wait = DataWait()
         self.progress = Progress()
+        self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)  # the last step was applied
         self.stop_requested = False  # honoured at the next step boundary
         self.finish_early = False  # set by a hook after an epoch: no more epochs, test and finish
 
@@ -292,6 +300,7 @@ class Trainer:
         if not self.scaler.is_enabled():
             finite = finite & torch.isfinite(norm)
         self.nonfinite.record(finite)
+        self.step_finite = finite.clone()  # for hooks; a device bool, so reading it is up to them
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # non-finite gradients: skipped, and the loss scale backs off
             self.scaler.update()
@@ -347,6 +356,8 @@ class Trainer:
             self.load_state_dict(state)
             log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
         sinks.start(self.progress.epoch)  # rows of epochs no checkpoint covers are trained again
+        for hook in self.hooks:
+            hook.start(self)
         self.started, self.wall_before = time.perf_counter(), self.progress.wall_seconds
         epochs = self.cfg.trainer.epochs
         for epoch in range(self.progress.epoch, epochs):
@@ -432,6 +443,8 @@ class Trainer:
             "config": self.config,
             "config_hash": self.hash,
         }
+        for hook in self.hooks:
+            hook.finish(self, results)
         sinks.log_results(results)
         shown = (test[key] for key in ("acc", "acc5", "f1", "ece", "loss"))
         log.info("test (best epoch %d): acc %.4f  acc5 %.4f  f1 %.4f  ece %.4f  nll %.4f", best["epoch"], *shown)

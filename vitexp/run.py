@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import UncompletedJobError
 
+from vitexp.averaging import averaging_hooks
 from vitexp.checkpoint import CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
@@ -72,7 +73,8 @@ def _train(
     stop: StopSignals | None,
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    trainer = Trainer(typed, directory.path, config, identity.choices, stop, launcher_cpus=launcher_cpus())
+    hooks = averaging_hooks(typed)
+    trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
         results = trainer.fit(sinks, state)
