@@ -14,7 +14,7 @@ GPU="$(python -c "import torch; print(torch.cuda.get_device_name())")"
 VERSIONS="$(python -c "import torch, torchvision, sys; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, Python {sys.version.split()[0]}')")"
 
 echo "== 1/3 CUDA test suite (pytest -m cuda)" >&2
-timeout 240 python -m pytest -m cuda -q -s -p no:cacheprovider tests/test_cuda.py >"$WORK/cuda.log" 2>&1
+timeout 180 python -m pytest -m cuda -q -s -p no:cacheprovider tests/test_cuda.py >"$WORK/cuda.log" 2>&1
 CUDA_RC=$?
 tail -n 5 "$WORK/cuda.log" >&2
 
