@@ -179,3 +179,19 @@ def test_a_sampling_sweepers_search_space_is_checked_value_by_value() -> None:
         "optim.lr=tag(log, interval(1e-4, 1e-1))": ["optim.lr=0.0001", "optim.lr=0.1"],
         "model.depth=range(2,5)": ["model.depth=2", "model.depth=3", "model.depth=4"],
     }
+
+
+def test_a_sweep_with_weight_averaging_reports_the_average_beside_the_weights(tmp_path: Path) -> None:
+    for number, (aug, acc, ema) in enumerate((("none", 0.80, 0.83), ("cutmix", 0.70, 0.74))):
+        fake_job(tmp_path, number, [f"aug={aug}", "trainer.ema_decay=0.99"], acc)
+        results_path = tmp_path / str(number) / "results.json"
+        results = json.loads(results_path.read_text())
+        results_path.write_text(json.dumps(results | {"test_ema": {"acc": ema}, "best_ema_epoch": 2}))
+    report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
+    rows = {row["aug"]: row for row in report_rows(tmp_path)}
+    assert float(rows["none"]["test_ema_acc_mean"]) == 0.83 and float(rows["cutmix"]["test_ema_acc_mean"]) == 0.74
+    text = report.markdown.read_text()
+    assert "| test acc | macro F1 | ECE | NLL | EMA test acc |" in text and "| 83.00 ± 0.00 |" in text
+    fake_job(tmp_path / "plain", 0, ["aug=none"], 0.8)
+    plain = write_report(tmp_path / "plain", sweep_jobs(tmp_path / "plain", None), DEFAULTS)
+    assert "EMA" not in plain.markdown.read_text() and "test_ema_acc_mean" not in report_rows(tmp_path / "plain")[0]

@@ -71,7 +71,8 @@ class Report:
     def columns(self) -> list[str]:
         keys = [*CLASSIC, *(key for key in self.layout.varying if key not in CLASSIC)]
         metrics = [f"test_{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")]
-        return [*keys, "seeds_done", "jobs", *metrics, "params", "epoch_time_s", "data_wait", "status"]
+        ema = ["test_ema_acc_mean", "test_ema_acc_std"] if has_ema(self.cells) else []
+        return [*keys, "seeds_done", "jobs", *metrics, *ema, "params", "epoch_time_s", "data_wait", "status"]
 
     def table_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -80,6 +81,7 @@ class Report:
             row["seeds_done"], row["jobs"] = len(cell.results), len(cell.jobs)
             for key, _ in METRICS:
                 row[f"test_{key}_mean"], row[f"test_{key}_std"] = cell.mean_std(cell.values(key))
+            row["test_ema_acc_mean"], row["test_ema_acc_std"] = cell.mean_std(ema_accuracies(cell))
             row["params"] = cell.results[0]["params"] if cell.results else None
             row["epoch_time_s"] = cell.mean_result("epoch_time_s")
             row["data_wait"] = cell.mean_result("data_wait")
@@ -88,9 +90,19 @@ class Report:
         return rows
 
 
+def has_ema(cells: list[Cell]) -> bool:
+    """Whether any job averaged its weights (`trainer.ema_decay`): then the report shows the average's test."""
+    return any("test_ema" in result for cell in cells for result in cell.results)
+
+
+def ema_accuracies(cell: Cell) -> list[float]:
+    return [result["test_ema"]["acc"] for result in cell.results if "test_ema" in result]
+
+
 def markdown(layout: Layout, cells: list[Cell]) -> str:
-    columns = layout.columns
-    names = [*columns, "params", *(name for _, name in METRICS), "epoch time (s)", "data wait", "seeds"]
+    columns, ema = layout.columns, has_ema(cells)
+    names = [*columns, "params", *(name for _, name in METRICS), *(["EMA test acc"] if ema else [])]
+    names += ["epoch time (s)", "data wait", "seeds"]
     lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
     for cell in cells:
         metrics = [
@@ -103,6 +115,7 @@ def markdown(layout: Layout, cells: list[Cell]) -> str:
             *(show(cell.setting[key]) for key in columns),
             params,
             *metrics,
+            *([fmt(*cell.mean_std(ema_accuracies(cell)), scale=100)] if ema else []),
             "—" if math.isnan(epoch) else f"{epoch:.1f}",
             "—" if math.isnan(wait) else f"{wait:.0%}",
             cell.status,
