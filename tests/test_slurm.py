@@ -105,7 +105,7 @@ def test_bad_grid_submits_nothing(tmp_path: Path) -> None:
     result = slurm_sweep(tmp_path / "sweep", "smoothing=0,2")
     assert result.returncode == 2 and "job #1 (smoothing=2): smoothing=2.0 is not allowed" in result.stderr
     assert not (tmp_path / "sweep" / ".submitit").exists()
-    assert queue() == before
+    assert set(queue()) <= set(before)  # no job was submitted (an earlier test's job may have left the queue)
 
 
 def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_path: Path) -> None:
