@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import config_diff, config_hash, semantic_config, validate
 from vitexp.jobs import Job, expected_jobs, failure_line, job_state, search_space, sweep_jobs, varying_keys
+from vitexp.launcher import first_line
 from vitexp.logger import RunIdentity, Sinks
 from vitexp.report import Report, sweep_defaults, write_report
 from vitexp.rundir import HYDRA_DIR
@@ -27,8 +28,8 @@ from vitexp.rundir import HYDRA_DIR
 log = logging.getLogger("vitexp")
 
 
-def first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def error_line(err: Exception) -> str:
+    return first_line(str(err)) or type(err).__name__
 
 
 def checked_config(overrides: list[str], warnings: dict[str, None]) -> DictConfig:
@@ -52,7 +53,7 @@ def check_jobs(jobs: list[Job]) -> tuple[list[str], list[str]]:
         try:
             cfg = checked_config(job.overrides, warnings)
         except Exception as err:
-            problems.append(f"job #{job.number} ({' '.join(job.varying(varying))}): {first_line(err)}")
+            problems.append(f"job #{job.number} ({' '.join(job.varying(varying))}): {error_line(err)}")
             continue
         state = job_state(job)
         if state == "running":
@@ -76,14 +77,14 @@ def check_search_space(hydra_cfg: DictConfig) -> tuple[list[str], list[str]]:
     try:
         checked_config(fixed, warnings)
     except Exception as err:
-        return [f"the fixed overrides ({' '.join(fixed)}): {first_line(err)}"], []
+        return [f"the fixed overrides ({' '.join(fixed)}): {error_line(err)}"], []
     problems = []
     for parameter, overrides in swept.items():
         for override in overrides:
             try:
                 checked_config([*fixed, override], warnings)
             except Exception as err:
-                problems.append(f"{parameter} at {override.partition('=')[2]}: {first_line(err)}")
+                problems.append(f"{parameter} at {override.partition('=')[2]}: {error_line(err)}")
     return problems, list(warnings)
 
 
