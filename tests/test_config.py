@@ -26,7 +26,7 @@ REGISTRY = {registry.group: registry for registry in REGISTRIES}
 
 def test_every_group_has_the_options_the_docs_promise() -> None:
     assert OPTIONS["model"] == ["resnet18", "vit", "vit_small", "vit_tiny"]
-    assert OPTIONS["aug"] == ["cutmix", "cutout", "mixup", "none"]
+    assert OPTIONS["aug"] == ["cutmix", "cutout", "mixup", "mixup_cutmix", "none", "random_erasing"]
     assert {"pets", "digits"} <= set(OPTIONS["data"])
     assert OPTIONS["optim"] == ["adam", "adamw", "sgd"]
     assert OPTIONS["sched"] == ["cosine", "none"]
@@ -86,7 +86,7 @@ def test_smoothing_accepts_values_in_unit_interval(make_cfg, smoothing: float) -
         ("smoothing=-0.1", "smoothing=-0.1 is not allowed"),
         ("data.batch_size=0", "data.batch_size=0 is not allowed: expected an integer >= 1"),
         ("optim.lr=-1", "optim.lr=-1.0 is not allowed: expected a float > 0"),
-        ("data.val_fraction=1.2", "data.val_fraction=1.2 is not allowed: expected a float in (0, 1)"),
+        ("data.val_fraction=1.2", "data.val_fraction=1.2 is not allowed: expected a float in [0, 1)"),
         ("model.patch_size=15", "model.patch_size=15 is not allowed: expected a divisor of data.img_size=224"),
         ("model.heads=7", "model.heads=7 is not allowed"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed: expected one of auto, fp32, bf16, fp16"),
@@ -97,6 +97,13 @@ def test_smoothing_accepts_values_in_unit_interval(make_cfg, smoothing: float) -
         ("seed=-1", "seed=-1 is not allowed: expected an integer in [0, 2**32)"),
         ("seed=4294967296", "seed=4294967296 is not allowed: expected an integer in [0, 2**32)"),
         ("data.split_seed=-3", "data.split_seed=-3 is not allowed: expected an integer in [0, 2**32)"),
+        ("trainer.swa_start=31", "trainer.swa_start=31 is not allowed: expected an epoch in [1, epochs]"),
+        ("trainer.swa_lr=0", "trainer.swa_lr=0.0 is not allowed: expected a float > 0, or null"),
+        ("trainer.samples=0", "trainer.samples=0 is not allowed: expected an integer >= 1, or null"),
+        ("trainer.early_stop_patience=-1", "trainer.early_stop_patience=-1 is not allowed: expected an integer >= 0"),
+        ("data.crop=center", "data.crop='center' is not allowed: expected one of random_resized, pad_crop, squash"),
+        ("model.freeze=all", "model.freeze='all' is not allowed: expected one of none, backbone"),
+        ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale=0.0 is not allowed: expected a float > 0"),
     ],
 )
 def test_out_of_range_values_fail_naming_key_value_and_range(make_cfg, override: str, message: str) -> None:

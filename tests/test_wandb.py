@@ -38,7 +38,7 @@ def closed_port() -> int:
 
 def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_train(*RUN, "logger.wandb.mode=offline", f"hydra.run.dir={run_dir}")
+    result = run_train(*RUN, "logger.wandb.mode=offline", "trainer.log_every=4", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     [folder] = offline_runs(run_dir)
     run = read_offline_run(folder)
@@ -48,8 +48,14 @@ def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     assert (config["model"], config["aug"], config["data"], config["smoothing"]) == ("vit", "cutmix", "digits", 0.1)
     assert config["model_config"]["dim"] == 32 and config["optim"]["lr"] == 1e-3
     assert config["params"] > 0
-    assert [row["epoch"] for row in run["history"]] == [1, 2]
-    assert {"train/loss", "val/acc", "val/ece", "lr"} <= set(run["history"][0])
+    epochs = [row for row in run["history"] if "epoch" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2] and [row["_step"] for row in epochs] == [10, 20]
+    assert {"train/loss", "val/acc", "val/ece", "lr"} <= set(epochs[0])
+    steps = [row for row in run["history"] if "train_step/lr" in row]  # every log_every optimizer steps
+    assert [row["_step"] for row in steps] == [4, 8, 12, 16, 20]
+    lrs = [row["train_step/lr"] for row in steps]
+    assert lrs == sorted(lrs) and lrs[-1] == epochs[1]["lr"]  # warming up; the epoch's last step's rate
+    assert all(0 < row["train_step/loss"] < 5 for row in steps)
     results = json.loads((run_dir / "results.json").read_text())
     assert run["summary"]["test/acc"] == pytest.approx(results["test"]["acc"])
     assert run["summary"]["params"] == results["params"]

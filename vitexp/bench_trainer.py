@@ -100,16 +100,11 @@ def pets_trainer(args: argparse.Namespace, run_dir: Path, root: Path, overrides:
     return build_trainer(args, run_dir, pets, data="data=pets")
 
 
-def batches_per_epoch(trainer) -> int:
-    """The micro-batches in one of `trainer`'s epochs: the most that `train_steps` trains at a time."""
-    return trainer.steps_per_epoch * trainer.cfg.trainer.accumulate
-
-
 def timed_steps(trainer, device: torch.device, steps: int, repeats: int = 3) -> tuple[float, float]:
     """Seconds per training step of `trainer` and the share of it spent waiting for data, for the fastest
     of `repeats` runs of `steps` steps (at most an epoch's) after a warm-up. Each run is an epoch of that
     length, so it includes the epoch's fixed start-up (a new DataLoader iterator, filling its prefetch)."""
-    steps = min(steps, batches_per_epoch(trainer))
+    steps = min(steps, trainer.micro_batches)
 
     def run() -> tuple[float, float]:
         waits: list[float] = []
@@ -127,7 +122,7 @@ def epoch_cost(trainer, device: torch.device, steps: int) -> tuple[float, float,
     The fixed part (starting an epoch's DataLoader iterator, filling its prefetch) is separated by
     timing epochs of n and 2n steps (n at most `steps`): the step cost is their difference over n.
     """
-    n = min(steps, batches_per_epoch(trainer) // 2)
+    n = min(steps, trainer.micro_batches // 2)
     short, _ = timed_steps(trainer, device, n)  # seconds per step over n steps
     long, wait = timed_steps(trainer, device, 2 * n)  # ... over 2n steps
     step = 2 * long - short  # (2n * long - n * short) / n

@@ -44,11 +44,18 @@ class GroupConfig:
         yield from ()
 
 
+FREEZES = ("none", "backbone")
+
+
 @dataclass
 class ModelConfig(GroupConfig):
     """A model option (the schemas live with their builders in `vitexp.models`)."""
 
     name: str = MISSING
+    freeze: str = "none"  # none, or backbone: train only the classification head (fine-tuning)
+
+    def rules(self) -> Iterator[Rule]:
+        yield "freeze", self.freeze in FREEZES, f"one of {', '.join(FREEZES)}"
 
 
 @dataclass
@@ -60,6 +67,7 @@ class AugConfig(GroupConfig):
 
 POLICIES = ("none", "autoaugment", "trivialaugment", "randaugment")
 RESAMPLES = ("auto", "grid_sample")
+CROPS = ("random_resized", "pad_crop", "squash")
 
 
 @dataclass
@@ -76,10 +84,12 @@ class DataConfig(GroupConfig):
     on_device: str = "auto"  # keep the uint8 splits on the training device: auto, true or false
     policy: str = "none"  # per-image CPU policy in DataLoader workers: autoaugment, trivialaugment, randaugment
     resample: str = "auto"  # the crop's resize: auto (per-image uint8 on CPU, grid_sample on GPU) or grid_sample
+    crop: str = "random_resized"  # training crop: random_resized, pad_crop (pad, crop img_size) or squash (none)
+    crop_padding: int = 4  # pad_crop: pixels of zero padding on each side before the random crop
     batch_size: int = 64  # training images per micro-batch (trainer.accumulate micro-batches per step)
     eval_batch_size: int = 256  # validation and test batches (no activations kept, so larger)
     num_workers: int = 4  # DataLoader processes, when batches come from the CPU
-    val_fraction: float = 0.1  # share of the training split held out for validation, per class
+    val_fraction: float = 0.1  # share of the training split held out for validation, per class; 0: select on test
     split_seed: int = 0  # which images are held out: fixed across seeds, so seeds compare on one split
     crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random resized crop: area range
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # and aspect-ratio range
@@ -92,6 +102,8 @@ class DataConfig(GroupConfig):
         yield "on_device", self.on_device.lower() in ("auto", "true", "false"), "auto, true or false"
         yield "policy", self.policy in POLICIES, f"one of {', '.join(POLICIES)}"
         yield "resample", self.resample in RESAMPLES, f"one of {', '.join(RESAMPLES)}"
+        yield "crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"
+        yield "crop_padding", self.crop_padding >= 0, "an integer >= 0"
         yield (
             "on_device",
             not (self.on_device.lower() == "true" and self.policy != "none"),
@@ -101,7 +113,7 @@ class DataConfig(GroupConfig):
         yield "batch_size", self.batch_size >= 1, "an integer >= 1"
         yield "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"
         yield "num_workers", self.num_workers >= 0, "an integer >= 0"
-        yield "val_fraction", 0 < self.val_fraction < 1, "a float in (0, 1)"
+        yield "val_fraction", 0 <= self.val_fraction < 1, "a float in [0, 1) (0: the test split selects the model)"
         scale, ratio = self.crop_scale, self.crop_ratio
         yield "crop_scale", len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "[min, max] with 0 < min <= max <= 1"
         yield "crop_ratio", len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "[min, max] with 0 < min <= max"
@@ -111,8 +123,9 @@ class DataConfig(GroupConfig):
 
     @property
     def stored_size(self) -> int:
-        """Side of the square uint8 images kept before cropping (e.g. 256 for img_size 224)."""
-        return round(self.img_size / self.crop_pct)
+        """Side of the square uint8 images kept before cropping: img_size / crop_pct for the random resized
+        crop (256 for img_size 224), img_size itself for pad_crop (padded, cropped back) and squash (no crop)."""
+        return round(self.img_size / self.crop_pct) if self.crop == "random_resized" else self.img_size
 
 
 @dataclass
@@ -122,10 +135,12 @@ class OptimConfig(GroupConfig):
     name: str = MISSING
     lr: float = 1e-3  # peak learning rate (after warmup)
     weight_decay: float = 0.05  # decoupled; never applied to norms, biases, tokens or position embeddings
+    backbone_lr_scale: float = 1.0  # the learning rate of a pretrained model's backbone, relative to its head's
 
     def rules(self) -> Iterator[Rule]:
         yield "lr", self.lr > 0, "a float > 0"
         yield "weight_decay", self.weight_decay >= 0, "a float >= 0"
+        yield "backbone_lr_scale", self.backbone_lr_scale > 0, "a float > 0 (freeze with model.freeze=backbone)"
 
 
 @dataclass
@@ -147,14 +162,16 @@ class SchedConfig(GroupConfig):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSSES = ("ce", "l2")
 
 
 @dataclass
 class TrainerConfig(GroupConfig):
     epochs: int = 30  # training epochs; the test runs on the best validation epoch
+    samples: int | None = None  # a budget in training images instead of epochs: as many epochs as reach it
     device: str = "auto"  # auto picks cuda when available
     precision: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU
-    accumulate: int = 1  # micro-batches per optimizer step (effective batch = accumulate x data.batch_size)
+    accumulate: Any = 1  # micro-batches per optimizer step, or {first epoch (0-based): micro-batches} by epoch
     clip_grad_norm: float = 1.0  # 0 disables clipping
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model (slow first steps, faster after)
@@ -164,6 +181,12 @@ class TrainerConfig(GroupConfig):
     threads: int | None = None  # CPUs for torch and DataLoader workers; None: SLURM's, the launcher's, or all
     ema_decay: float = 0.0  # an exponential moving average of the weights, validated and tested too; 0: off
     ema_warmup: bool = False  # timm's EMA warmup: decay min(ema_decay, (1 + step) / (10 + step))
+    swa_start: int | None = None  # SWA: the first epoch (1-based) whose weights enter the average; None: off
+    swa_lr: float | None = None  # SWA: the learning rate from swa_start on (as SWALR); None: the schedule's
+    swa_anneal_epochs: int = 0  # SWA: epochs of cosine annealing to swa_lr; 0: switch at once
+    early_stop_patience: int = 0  # stop after this many epochs without improvement; 0: off
+    early_stop_metric: str = "val/acc"  # val/acc (higher is better) or val/loss (lower is better)
+    early_stop_min_delta: float = 0.0  # the least change that counts as an improvement
 
     def rules(self) -> Iterator[Rule]:
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -173,12 +196,46 @@ class TrainerConfig(GroupConfig):
             "auto, cpu, cuda or cuda:N",
         )
         yield "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"
-        yield "accumulate", self.accumulate >= 1, "an integer >= 1"
+        yield "accumulate", accumulate_ok(self.accumulate), "an integer >= 1, or {epoch: factor} from epoch 0"
+        yield "samples", self.samples is None or self.samples >= 1, "an integer >= 1, or null"
         yield "clip_grad_norm", self.clip_grad_norm >= 0, "a float >= 0 (0 disables)"
         yield "max_nonfinite", self.max_nonfinite >= 1, "an integer >= 1"
         yield "log_every", self.log_every >= 1, "an integer >= 1"
         yield "threads", self.threads is None or self.threads >= 1, "an integer >= 1, or null"
         yield "ema_decay", 0 <= self.ema_decay < 1, "a float in [0, 1) (0 turns the EMA off)"
+        # With a budget in samples the last epoch is known only once the data is: then only the lower bound.
+        last = None if self.samples is not None else self.epochs
+        in_range = self.swa_start is None or (self.swa_start >= 1 and (last is None or self.swa_start <= last))
+        yield "swa_start", in_range, "an epoch in [1, epochs]"
+        yield "swa_lr", self.swa_lr is None or self.swa_lr > 0, "a float > 0, or null"
+        yield "swa_anneal_epochs", self.swa_anneal_epochs >= 0, "an integer >= 0"
+        yield "early_stop_patience", self.early_stop_patience >= 0, "an integer >= 0 (0 turns it off)"
+        yield "early_stop_metric", self.early_stop_metric in EARLY_STOP_METRICS, "val/acc or val/loss"
+        yield "early_stop_min_delta", self.early_stop_min_delta >= 0, "a float >= 0"
+
+    def accumulate_at(self, epoch: int) -> int:
+        """Micro-batches per optimizer step in `epoch` (0-based)."""
+        if isinstance(self.accumulate, int):
+            return self.accumulate
+        return self.accumulate[max(start for start in self.accumulate if start <= epoch)]
+
+    @property
+    def accumulate_factors(self) -> list[int]:
+        return [self.accumulate] if isinstance(self.accumulate, int) else list(self.accumulate.values())
+
+
+EARLY_STOP_METRICS = {"val/acc": "max", "val/loss": "min"}
+
+
+def accumulate_ok(accumulate: Any) -> bool:
+    if isinstance(accumulate, int) and not isinstance(accumulate, bool):
+        return accumulate >= 1
+    return (
+        isinstance(accumulate, dict)
+        and 0 in accumulate
+        and all(isinstance(k, int) and k >= 0 for k in accumulate)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in accumulate.values())
+    )
 
 
 @dataclass
@@ -199,11 +256,13 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # initial weights, data order and augmentation (not the train/val split: data.split_seed)
     smoothing: float = 0.0  # label smoothing epsilon in [0, 1), applied once to the (possibly mixed) target
+    loss: str = "ce"  # ce: cross-entropy; l2: mean squared error between the soft target and the logits
     dry_run: bool = False  # with -m: print the job table of the grid and launch nothing
 
     def rules(self) -> Iterator[Rule]:
         """Top-level ranges and the rules that tie groups together (checked after each group's own rules)."""
         yield "smoothing", 0 <= self.smoothing < 1, "a float in [0, 1)"
+        yield "loss", self.loss in LOSSES, f"one of {', '.join(LOSSES)}"
         yield "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"
         yield "data.split_seed", 0 <= self.data.split_seed < 2**32, "an integer in [0, 2**32)"
         for _, option in options_in(self):
@@ -218,6 +277,9 @@ class Config:
                 f"sched.warmup_epochs={sched.warmup_epochs:g} >= trainer.epochs={epochs}: "
                 "the learning rate never reaches optim.lr"
             )
+        if self.model.freeze == "backbone" and not getattr(self.model, "pretrained", False):
+            name = self.model.name
+            yield f"model.freeze=backbone on model={name} without pretrained weights: the head learns random features"
 
 
 def registered_options(group: str) -> dict[str, type]:
@@ -338,7 +400,25 @@ VOLATILE_KEYS = (
 
 # Keys added after runs were made, with the value that does what runs did before the key existed: a run
 # made before then has the same experiment's hash as one that sets the key to that value, so it still resumes.
-ADDED_KEYS: dict[str, Any] = {"data.resample": "auto", "trainer.ema_decay": 0.0, "trainer.ema_warmup": False}
+ADDED_KEYS: dict[str, Any] = {
+    "data.resample": "auto",
+    "data.crop": "random_resized",
+    "data.crop_padding": 4,
+    "trainer.samples": None,
+    "trainer.ema_decay": 0.0,
+    "trainer.ema_warmup": False,
+    "trainer.swa_start": None,
+    "trainer.swa_lr": None,
+    "trainer.swa_anneal_epochs": 0,
+    "trainer.early_stop_patience": 0,
+    "trainer.early_stop_metric": "val/acc",
+    "trainer.early_stop_min_delta": 0.0,
+    "optim.backbone_lr_scale": 1.0,
+    "model.drop_path": 0.0,
+    "model.code_size": None,
+    "model.freeze": "none",
+    "loss": "ce",
+}
 
 
 def semantic_config(config: dict[str, Any]) -> dict[str, Any]:

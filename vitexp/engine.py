@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,12 @@ class Progress:
     epoch_wait_seconds: float = 0.0
 
 
+# The training losses (`loss=`), of the logits and the (possibly mixed and smoothed) soft targets.
+LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": F.cross_entropy,
+    "l2": F.mse_loss,  # seed 001's: the mean squared distance between the target and the network's output
+}
+
 DATA_WAIT_WARNING = 0.2  # an epoch that waited for data longer than this share of its time gets a hint
 
 
@@ -70,9 +76,10 @@ class Hook:
     """A part of training that is not the loop itself, called at the loop's extension points in list order.
 
     The EMA (`vitexp.averaging`) is one: `start` copies the weights, `after_step` updates the average,
-    `after_epoch` validates it, `finish` tests it and `state_dict` checkpoints it. SWA can do the same from
-    a start epoch, early stopping set `trainer.finish_early` in `after_epoch`, and a hook whose weights
-    should replace the trained ones everywhere returns them from `eval_model`. The defaults do nothing.
+    `after_epoch` validates it, `finish` tests it and `state_dict` checkpoints it; SWA does the same from a
+    start epoch. Early stopping (`vitexp.stopping`) sets `trainer.finish_early` in `after_epoch`, and a hook
+    whose weights should replace the trained ones everywhere returns them from `eval_model`. The defaults
+    do nothing.
     """
 
     def start(self, trainer: Trainer) -> None:
@@ -137,18 +144,23 @@ class Trainer:
         data = cfg.data
         self.splits = build_splits(data)
         self.num_classes = self.splits.num_classes
-        micro_batches = len(self.splits.train) // data.batch_size // cfg.trainer.accumulate * cfg.trainer.accumulate
-        if micro_batches == 0:
+        # Every epoch trains the same micro-batches, a multiple of each accumulation factor it may use.
+        factors = math.lcm(*cfg.trainer.accumulate_factors)
+        self.micro_batches = len(self.splits.train) // data.batch_size // factors * factors
+        if self.micro_batches == 0:
             raise ConfigError(
                 f"data.batch_size={data.batch_size} x trainer.accumulate={cfg.trainer.accumulate} is more than the "
                 f"{len(self.splits.train)} training images: lower them"
             )
+        self.epochs = cfg.trainer.epochs
+        if cfg.trainer.samples is not None:  # as many epochs as it takes to train on that many images
+            self.epochs = math.ceil(cfg.trainer.samples / (self.micro_batches * data.batch_size))
         self.threads = plan_threads(cfg.trainer.threads, launcher_cpus, data.num_workers)
         feed_data = replace(data, num_workers=self.threads.workers)
-        self.feed = Feed(self.splits, feed_data, self.device, micro_batches, seed=cfg.seed)
+        self.feed = Feed(self.splits, feed_data, self.device, self.micro_batches, seed=cfg.seed)
         if (threads := self.threads.training_threads(loaders=not self.feed.resident)) is not None:
             torch.set_num_threads(threads)
-        self.steps_per_epoch = micro_batches // cfg.trainer.accumulate
+        self.epoch_steps = [self.micro_batches // cfg.trainer.accumulate_at(e) for e in range(self.epochs)]
 
         self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the data or augmentation
@@ -160,9 +172,7 @@ class Trainer:
         self.params = count_parameters(self.model)
 
         self.optimizer = OPTIMIZERS.build(cfg.optim, self.model)
-        self.scheduler = build_schedule(
-            cfg.sched, self.optimizer, cfg.optim.lr, self.steps_per_epoch, cfg.trainer.epochs
-        )
+        self.scheduler = build_schedule(cfg.sched, self.optimizer, cfg.optim.lr, self.epoch_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_means = RunningMeans(self.device)
         self.nonfinite = NonFiniteSteps(self.device, cfg.trainer.max_nonfinite)
@@ -170,7 +180,8 @@ class Trainer:
         self.progress = Progress()
         self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)  # the last step was applied
         self.stop_requested = False  # honoured at the next step boundary
-        self.finish_early = False  # set by a hook after an epoch: no more epochs, test and finish
+        self.finish_early: str | None = None  # set by a hook, saying why: no more epochs, test and finish
+        self.sinks: Sink = Sinks([])  # where `fit` sends its numbers
 
     # --- checkpoints -------------------------------------------------------------------------------
     @property
@@ -226,11 +237,12 @@ class Trainer:
     def train_epoch(self, epoch: int, stop_batch: int | None = None) -> bool:
         """Train the rest of `epoch` (or up to micro-batch `stop_batch`); False if a stop request ended it early."""
         trainer = self.cfg.trainer
+        accumulate = trainer.accumulate_at(epoch)
         self.model.train()
         window_finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(
             self.data_wait.timed(self.feed.train(epoch, self.progress.batch, stop_batch)),
-            desc=f"epoch {epoch + 1}/{trainer.epochs}",
+            desc=f"epoch {epoch + 1}/{self.epochs}",
             leave=False,
             disable=not sys.stderr.isatty(),
             initial=self.progress.batch,
@@ -243,18 +255,18 @@ class Trainer:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 logits = self.forward(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
+            loss = LOSS_FUNCTIONS[self.cfg.loss](logits.float(), targets)
             finite = torch.isfinite(loss)
             window_finite &= finite
-            self.scaler.scale(loss / trainer.accumulate).backward()
+            self.scaler.scale(loss / accumulate).backward()
             self.train_means.update(loss, logits, targets, finite)
             self.progress.batch += 1
-            if self.progress.batch % trainer.accumulate == 0:
+            if self.progress.batch % accumulate == 0:
                 self.optimizer_step(window_finite)
                 window_finite.fill_(True)
                 if self.progress.step % trainer.log_every == 0:  # the only device reads of the loop
                     self.read_nonfinite()
-                    self.show_loss(epoch, bar)
+                    self.show_loss(epoch, bar, loss)
                 for hook in self.hooks:
                     hook.after_step(self)
                 if self.stopping() and self.progress.batch < self.feed.order.batches_per_epoch:
@@ -269,15 +281,18 @@ class Trainer:
         self.train_epoch(epoch, stop_batch=batches)
         return self.data_wait.seconds
 
-    def show_loss(self, epoch: int, bar: tqdm) -> None:
-        """The running train loss on the progress bar, or as a log line when not on a terminal."""
-        loss = self.train_means.compute()["loss"]
+    def show_loss(self, epoch: int, bar: tqdm, last_loss: torch.Tensor) -> None:
+        """The running train loss on the progress bar, or as a log line when not on a terminal; the step's
+        loss (its last micro-batch's) and learning rate to the sinks that chart steps."""
+        means = self.train_means.compute(step_loss=last_loss)
+        loss, lr = means["loss"], self.scheduler.get_last_lr()[0]
+        self.sinks.log_step({"step": self.progress.step, "train_step/loss": means["step_loss"], "train_step/lr": lr})
         if not bar.disable:
             bar.set_postfix(loss=f"{loss:.3f}")
             return
-        step = self.progress.batch // self.cfg.trainer.accumulate
-        lr = self.scheduler.get_last_lr()[0]
-        log.info("epoch %d step %d/%d train loss %.4f lr %.2e", epoch + 1, step, self.steps_per_epoch, loss, lr)
+        step = self.progress.batch // self.cfg.trainer.accumulate_at(epoch)
+        line = "epoch %d step %d/%d train loss %.4f lr %.2e"
+        log.info(line, epoch + 1, step, self.epoch_steps[epoch], loss, lr)
 
     def stopping(self) -> bool:
         """Whether a stop was requested (by a signal, or by setting `stop_requested`)."""
@@ -331,8 +346,14 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of the evaluated model on `val` or `test`."""
-        model, _ = self.evaluated_model()
-        return evaluate(model, self.feed.eval(split), self.prepare_eval, self.num_classes, self.device, self.autocast)
+        return self.evaluate_model(self.evaluated_model()[0], split)
+
+    def evaluate_model(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Metrics of any weights (the trained model, or a hook's average) on `val` or `test`; with `loss=l2`
+        also the trained loss (`l2`) beside the NLL every run reports."""
+        batches = self.feed.eval(split)
+        l2 = self.cfg.loss == "l2"
+        return evaluate(model, batches, self.prepare_eval, self.num_classes, self.device, self.autocast, l2=l2)
 
     def save_last(self) -> None:
         self.read_nonfinite()
@@ -345,13 +366,15 @@ class Trainer:
         The metrics files are always written, before `sink` (W&B, TensorBoard: `vitexp.logger`) hears of
         each epoch, so results.json exists before any service is told the result.
         """
-        sinks = Sinks([MetricsFiles(self.run_dir), *([sink] if sink is not None else [])])
+        sinks = self.sinks = Sinks([MetricsFiles(self.run_dir), *([sink] if sink is not None else [])])
         sizes = (len(self.splits.train), len(self.splits.val), len(self.splits.test))
         precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         model = self.choices.get("model", self.cfg.model.name)
         line = "model %s: %s parameters; %d train / %d val / %d test images; device %s, %s; %s"
         threads = self.threads.describe(loaders=not self.feed.resident)
         log.info(line, model, f"{self.params:,}", *sizes, self.device, precision, threads)
+        if self.splits.selected_on_test:
+            log.warning("data.val_fraction=0: the test split selects the best epoch, so test numbers are optimistic")
         if state is not None:
             self.load_state_dict(state)
             log.info("resumed from %s at epoch %d, batch %d", self.last_path, self.progress.epoch, self.progress.batch)
@@ -359,8 +382,10 @@ class Trainer:
         for hook in self.hooks:
             hook.start(self)
         self.started, self.wall_before = time.perf_counter(), self.progress.wall_seconds
-        epochs = self.cfg.trainer.epochs
+        epochs = self.epochs
         for epoch in range(self.progress.epoch, epochs):
+            if self.finish_early:  # a hook decided so before a stop interrupted the finish
+                break
             start, start_batch = time.perf_counter(), self.progress.batch
             self.data_wait = DataWait()
             completed = self.train_epoch(epoch)
@@ -376,7 +401,7 @@ class Trainer:
             line = "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)"
             log.info(line, epoch + 1, epochs, *shown)
             if self.finish_early:
-                log.info("finishing after epoch %d, as a hook asked", epoch + 1)
+                log.info("finishing after epoch %d: %s", epoch + 1, self.finish_early)
                 break
             if self.stopping() and epoch + 1 < epochs:  # a stop during the epoch's last step
                 log.info("stopped after epoch %d; checkpoint saved", epoch + 1)
@@ -429,12 +454,14 @@ class Trainer:
             "best_epoch": best["epoch"],
             "best_val": best["val"],
             "params": self.params,
-            "epochs": self.cfg.trainer.epochs,
+            "trainable_params": count_parameters(self.model, trainable=True),  # fewer with model.freeze=backbone
+            "epochs": self.epochs,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "epoch_time_s": mean_of(rows, "epoch_time_s"),
             "data_wait": mean_of(rows, "data_wait"),
             "train_img_per_s": progress.train_images / progress.train_seconds if progress.train_seconds else None,
             "nonfinite_steps": progress.nonfinite_total,
+            "selected_on_test": self.splits.selected_on_test,  # the best epoch was chosen on the test split
             "classes": list(self.splits.class_names),  # label id -> name
             "choices": self.choices,
             "smoothing": self.cfg.smoothing,

@@ -75,6 +75,9 @@ class Sink:
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One finished epoch's metrics (`row["epoch"]` is 1-based)."""
 
+    def log_step(self, row: dict[str, Any]) -> None:
+        """The learning rate and train loss at `row["step"]`, every `trainer.log_every` optimizer steps."""
+
     def log_results(self, results: dict[str, Any]) -> None:
         """The run's final results (test metrics of the best epoch, timings, config)."""
 
@@ -143,6 +146,10 @@ class Sinks(Sink):
     def log_epoch(self, row: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.log_epoch(row)
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log_step(row)
 
     def log_results(self, results: dict[str, Any]) -> None:
         for sink in self.sinks:

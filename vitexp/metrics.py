@@ -43,10 +43,12 @@ def eval_metrics(num_classes: int) -> MetricCollection:
 class EvalMeter:
     """Accumulates logits/labels of an evaluation pass; `compute` returns plain floats."""
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, device: torch.device, l2: bool = False) -> None:
         self.metrics = eval_metrics(num_classes).to(device)
         self.nll = MeanMetric().to(device)
         self.confidence = MeanMetric().to(device)
+        self.l2 = MeanMetric().to(device) if l2 else None
+        self.num_classes = num_classes
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits = logits.float()
@@ -54,12 +56,17 @@ class EvalMeter:
         self.metrics.update(probs, labels)
         self.nll.update(F.cross_entropy(logits, labels, reduction="none"))
         self.confidence.update(probs.max(dim=-1).values)
+        if self.l2 is not None:  # the `loss=l2` of training, against the one-hot label
+            one_hot = F.one_hot(labels, self.num_classes).float()
+            self.l2.update(F.mse_loss(logits, one_hot, reduction="none").mean(dim=-1))
 
     def compute(self) -> dict[str, float]:
         """Every metric as a float, read from the device in one transfer."""
         values = self.metrics.compute()
         values["loss"] = self.nll.compute()  # plain CE on hard labels: comparable across smoothing
         values["confidence"] = self.confidence.compute()
+        if self.l2 is not None:
+            values["l2"] = self.l2.compute()
         numbers = torch.stack([value.float() for value in values.values()]).tolist()
         return dict(zip(values, numbers, strict=True))
 
@@ -82,9 +89,11 @@ class RunningMeans:
         self.sums[1] += correct
         self.sums[2] += n
 
-    def compute(self) -> dict[str, float]:
-        loss_sum, correct, n = self.sums.tolist()
-        return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    def compute(self, step_loss: torch.Tensor | None = None) -> dict[str, float]:
+        """The means so far; with `step_loss`, also its value (`step_loss`), read in the same transfer."""
+        sums = self.sums if step_loss is None else torch.cat([self.sums, step_loss.detach().double().reshape(1)])
+        loss_sum, correct, n, *step = sums.tolist()
+        return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)} | ({"step_loss": step[0]} if step else {})
 
     def state_dict(self) -> dict:
         return {"sums": self.sums.cpu()}
@@ -125,14 +134,16 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    l2: bool = False,
 ) -> dict[str, float]:
-    """Classification metrics of `model` over `batches` (`prepare` turns raw images into its inputs).
+    """Classification metrics of `model` over `batches` (`prepare` turns raw images into its inputs), and
+    with `l2` the mean squared error of the logits against the one-hot labels.
 
     Any weights evaluate the same way: the trained ones, or a copy such as an average of them. Runs
     without autograd, so no activations are kept and validation never needs more memory than training.
     """
     model.eval()
-    meter = EvalMeter(num_classes, device)
+    meter = EvalMeter(num_classes, device, l2)
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():

@@ -85,6 +85,8 @@ class WandbSink(Sink):
             config=wandb_config(config, identity.choices, params),
             dir=str(directory),
         )
+        for epoch_metrics in ("train/*", "val/*", "val_ema/*", "val_swa/*"):
+            self.run.define_metric(epoch_metrics, step_metric="epoch")
 
     def _init(self, **kwargs: Any) -> Any:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # its exit-time telemetry can stall offline runs
@@ -111,8 +113,14 @@ class WandbSink(Sink):
         return run
 
     def log_epoch(self, row: dict[str, Any]) -> None:
+        """At the epoch's last optimizer step, W&B's x-axis, so epochs and `log_step`'s rows share one axis;
+        the epoch's charts use `epoch` as theirs."""
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=row["epoch"])
+            self.run.log(row, step=row["step"])
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
 
     def log_results(self, results: dict[str, Any]) -> None:
         if self.run is not None:
