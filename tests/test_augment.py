@@ -1,18 +1,29 @@
-"""The maths of the batched augmentations: exact pixels, exact lambdas, targets that sum to one."""
+"""The maths of the batched augmentations: exact pixels, exact lambdas, targets that sum to one; and that
+the newer ones (Mixup-or-CutMix, Random Erasing) draw resumably and train."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import RandomErasing as TorchvisionRandomErasing
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from tests.conftest import TINY
+from vitexp import run
 from vitexp.augment import (
+    AUGMENTATIONS,
     BatchAugment,
     CutMixConfig,
     CutoutConfig,
     MixupConfig,
+    MixupCutMixConfig,
+    RandomErasingConfig,
     box_masks,
     center_crop,
     crop_flip_resize,
@@ -21,10 +32,13 @@ from vitexp.augment import (
     cutmix,
     cutout,
     mixup,
+    random_erasing,
     sample_crop_boxes,
+    sample_erasing_boxes,
     smooth,
 )
 from vitexp.config import DataConfig
+from vitexp.run import RunIdentity
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -99,7 +113,17 @@ def test_smoothing_gives_one_minus_eps_plus_eps_over_k_on_true_class() -> None:
     assert torch.allclose(y.sum(1), torch.ones(2))
 
 
-@pytest.mark.parametrize("aug", [None, CutoutConfig(), MixupConfig(alpha=0.4), CutMixConfig(alpha=1.0, p=1.0)])
+@pytest.mark.parametrize(
+    "aug",
+    [
+        None,
+        CutoutConfig(),
+        MixupConfig(alpha=0.4),
+        CutMixConfig(alpha=1.0, p=1.0),
+        MixupCutMixConfig(),
+        RandomErasingConfig(p=1.0, mode="pixel"),
+    ],
+)
 def test_batch_pipeline_targets_are_distributions_smoothed_once(aug) -> None:
     data = DataConfig(img_size=32, crop_pct=0.8)
     pipeline = BatchAugment(data, aug or CutoutConfig(p=0.0), 10, 0.2, torch.device("cpu"), seed=0)
@@ -196,3 +220,127 @@ def test_cutout_default_hole_is_a_quarter_of_the_image() -> None:
     x, _ = pipeline(images, torch.zeros(64, dtype=torch.long))
     holes = (x[:, 0] == 0).sum(dim=(1, 2))
     assert holes.max() == 8 * 8 and holes.min() >= 4 * 4  # 8 px holes, clipped at the border
+
+
+# --- Mixup or CutMix, one per batch ----------------------------------------------------------------------
+def build(cfg, img_size: int = 16, seed: int = 0):
+    """An augmentation as BatchAugment builds it, with its own seeded generators."""
+    return AUGMENTATIONS.build(cfg, img_size, gen(seed), np.random.default_rng(seed))
+
+
+def test_mixup_cutmix_picks_cutmix_at_switch_prob_with_exact_targets() -> None:
+    n, size, batches = 8, 12, 400
+    # sample i is the constant i + 1: a CutMix pixel is some sample's value, a Mixup pixel lies between two
+    images = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size).contiguous()
+    targets = F.one_hot(torch.arange(n), n).float()
+    mix = build(MixupCutMixConfig(mixup_alpha=50.0, switch_prob=0.3), size)  # Mixup's lambda near 0.5: visible
+    cutmix_batches = 0
+    for _ in range(batches):
+        x, y = mix(images, targets)
+        assert torch.allclose(y.sum(1), torch.ones(n))
+        own = y.diagonal()  # each sample's weight on its own label
+        if torch.equal(x, x.round()):  # CutMix: pixels copied, each label weighted by its area
+            cutmix_batches += 1
+            kept = (x[:, 0] == images[:, 0]).float().mean(dim=(1, 2))
+            assert torch.allclose(own, kept)
+            for i in torch.nonzero(kept < 1).flatten().tolist():  # the rest of the label is the pasted partner's
+                pasted = x[i, 0][x[i, 0] != i + 1]
+                assert torch.all(pasted == pasted[0])
+                assert y[i, int(pasted[0]) - 1] == pytest.approx(1 - kept[i].item())
+        else:  # Mixup: one lambda for the batch, in the pixels as in the targets
+            lam = own[own < 1][0]
+            assert torch.allclose(own[own < 1], lam.expand(int((own < 1).sum())))
+            partner_value = (x[:, 0, 0, 0] - lam * images[:, 0, 0, 0]) / (1 - lam)
+            assert torch.allclose(partner_value[own < 1], partner_value[own < 1].round(), atol=1e-3)
+    assert abs(cutmix_batches / batches - 0.3) < 0.06  # binomial sd 0.023
+
+
+def test_mixup_cutmix_p_zero_and_switch_prob_extremes() -> None:
+    images, targets = torch.rand(6, 3, 8, 8), F.one_hot(torch.arange(6), 6).float()
+    x, y = build(MixupCutMixConfig(p=0.0), 8)(images, targets)
+    assert torch.equal(x, images) and torch.equal(y, targets)
+    for switch_prob, cutmix_expected in ((0.0, False), (1.0, True)):
+        mix = build(MixupCutMixConfig(switch_prob=switch_prob, mixup_alpha=50.0), 8)
+        quantised = (images * 255).round()
+        x, _ = mix(quantised, targets)
+        assert torch.equal(x, x.round()) == cutmix_expected
+
+
+# --- Random Erasing --------------------------------------------------------------------------------------
+def test_random_erasing_erases_one_rectangle_within_scale_and_ratio() -> None:
+    n, height, width, scale, ratio = 256, 48, 64, (0.02, 1 / 3), (0.5, 3.0)  # asymmetric: h / w
+    images = torch.rand(n, 3, height, width) + 1  # no pixel is zero before erasing
+    out = random_erasing(images, 1.0, scale, ratio, "const", gen(5))
+    erased = out == 0
+    assert torch.equal(erased, erased[:, :1].expand_as(erased))  # every channel of a pixel
+    assert torch.equal(out[~erased], images[~erased])
+    for mask in erased[:, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert h >= 1 and w >= 1, "p=1 erases every image (a box of 10 tries fits)"
+        assert mask.sum() == h * w and rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w  # one rectangle
+        # h, w are the rounded sides of an area in scale with h / w in ratio
+        assert (h + 0.5) * (w + 0.5) >= scale[0] * height * width
+        assert (h - 0.5) * (w - 0.5) <= scale[1] * height * width
+        assert (h + 0.5) / (w - 0.5) >= ratio[0] and (h - 0.5) / (w + 0.5) <= ratio[1]
+        assert h < height and w < width
+
+
+def test_random_erasing_boxes_follow_torchvisions_distribution() -> None:
+    n, size, scale, ratio = 20000, 32, (0.02, 1 / 3), (0.3, 3.3)
+    boxes, found = sample_erasing_boxes(n, size, size, scale, ratio, gen(0))
+    assert found.all()
+    torch.manual_seed(0)
+    image = torch.empty(1, size, size)
+    reference = torch.tensor(
+        [TorchvisionRandomErasing.get_params(image, scale, ratio, [0])[:4] for _ in range(n)], dtype=torch.float32
+    )  # (top, left, h, w) as ours
+    for ours, theirs in ((boxes[:, 2] * boxes[:, 3], reference[:, 2] * reference[:, 3]),  # area
+                         (torch.log(boxes[:, 2] / boxes[:, 3]), torch.log(reference[:, 2] / reference[:, 3])),
+                         (boxes[:, 0], reference[:, 0]), (boxes[:, 1], reference[:, 1])):  # fmt: skip
+        assert abs(ours.mean() - theirs.mean()) < 0.02 * theirs.abs().mean() + 0.02
+        assert abs(ours.std() - theirs.std()) < 0.03 * theirs.std() + 0.02
+
+
+def test_random_erasing_p_zero_is_identity_and_pixel_mode_fills_noise() -> None:
+    images, targets = torch.rand(32, 3, 16, 16) + 5, F.one_hot(torch.arange(32) % 10, 10).float()
+    x, y = build(RandomErasingConfig(p=0.0))(images, targets)
+    assert torch.equal(x, images) and torch.equal(y, targets)
+    x, y = build(RandomErasingConfig(p=1.0, mode="pixel"))(images, targets)
+    assert torch.equal(y, targets)  # labels untouched
+    noise = x < 5  # every erased pixel is N(0, 1) noise, far below the image's values
+    assert noise.any(dim=(1, 2, 3)).all()
+    assert torch.equal(x[~noise], images[~noise])
+    assert abs(x[noise].mean().item()) < 0.1 and abs(x[noise].std().item() - 1) < 0.1
+
+
+def test_random_erasing_is_seeded() -> None:
+    images, targets = torch.rand(16, 3, 16, 16), torch.zeros(16, 10)
+    cfg = RandomErasingConfig(p=0.5, mode="pixel")
+    a, b, c = (build(cfg, seed=seed)(images, targets)[0] for seed in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("aug", [RandomErasingConfig(p=0.5, mode="pixel"), MixupCutMixConfig()], ids=["re", "mix"])
+def test_resumed_pipeline_draws_the_same_next_batches(aug) -> None:
+    data = DataConfig(img_size=16, crop_pct=0.8)
+    images = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    straight = BatchAugment(data, aug, 10, 0.1, torch.device("cpu"), seed=3)
+    straight(images, labels)
+    state = straight.state_dict()
+    expected = [straight(images, labels) for _ in range(3)]
+    resumed = BatchAugment(data, aug, 10, 0.1, torch.device("cpu"), seed=99)
+    resumed.load_state_dict(state)
+    for x, y in expected:
+        x2, y2 = resumed(images, labels)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# --- they train ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("aug", [["aug=mixup_cutmix"], ["aug=random_erasing", "aug.p=0.5"]], ids=lambda a: a[0])
+def test_digits_trains_with_the_augmentation(make_cfg, tmp_path: Path, aug: list[str]) -> None:
+    overrides = [*TINY, "data=digits", "trainer.epochs=6", "data.batch_size=64", "sched.warmup_epochs=1"]
+    results = run.run(make_cfg(*overrides, "optim.lr=3e-3", "smoothing=0.1", *aug), tmp_path / "run", RunIdentity({}))
+    assert math.isfinite(results["test"]["loss"])
+    assert results["test"]["acc"] > 0.4  # chance is 0.1

@@ -363,3 +363,27 @@ def test_policy_images_draw_from_their_own_seed_and_leave_the_global_rng_alone()
 
 def test_every_policy_the_config_allows_has_a_transform() -> None:
     assert set(POLICY_TRANSFORMS) == set(POLICIES) - {"none"}
+
+
+def test_stratified_split_with_fraction_zero_holds_nothing_out() -> None:
+    labels = [0] * 10 + [1] * 3 + [2]
+    assert stratified_split(labels, 0.0, seed=3) == (list(range(14)), [])
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_val_fraction_zero_validates_on_the_test_split(name: str) -> None:
+    held_out = build_splits(DataConfig(name=name, img_size=8, crop_pct=1.0, val_fraction=0.1))
+    splits = build_splits(DataConfig(name=name, img_size=8, crop_pct=1.0, val_fraction=0.0))
+    assert splits.selected_on_test and not held_out.selected_on_test
+    assert splits.val is splits.test  # the very same images, labels and order
+    assert len(splits.train) == len(held_out.train) + len(held_out.val)
+    if name == "digits":  # the test split does not move
+        assert torch.equal(splits.test.tensors[0], held_out.test.tensors[0])
+        assert len(splits.train) + len(splits.test) == 1797
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_pets_val_fraction_zero_validates_on_the_test_split(pets_root: Path, cache: bool) -> None:
+    splits = build_splits(pets_cfg(pets_root, val_fraction=0.0, cache=cache, num_workers=0))
+    assert splits.selected_on_test and splits.val is splits.test
+    assert len(splits.train) == len(splits.test) == 12 * len(PET_BREEDS)  # all of trainval trains

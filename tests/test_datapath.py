@@ -127,6 +127,19 @@ def test_cifar10_loads_through_torchvision(cifar_root: Path) -> None:
     assert torch.all((images.float().mean(dim=(1, 2, 3)) / 20 - labels.float()).abs() < 0.5)
 
 
+def test_cifar10_with_val_fraction_zero_validates_on_test(cifar_root: Path) -> None:
+    cfg = DataConfig(name="cifar10", root=str(cifar_root), download=False, img_size=32, crop_pct=1.0, val_fraction=0)
+    splits = build_splits(cfg)
+    assert splits.selected_on_test and splits.val is splits.test
+    assert len(splits.train) == 100 and len(splits.test) == 20  # nothing held out of the training split
+    resident = feed.Feed(splits, cfg, torch.device("cpu"), batches_per_epoch=1, seed=0)
+    assert resident.resident and resident.device_data["val"] is resident.device_data["test"]  # one copy
+    assert [torch.equal(a[0], b[0]) for a, b in zip(resident.eval("val"), resident.eval("test"), strict=True)] == [True]
+    once, twice = ((100 + n_test) * (3 * 32 * 32 + 8) for n_test in (20, 40))  # uint8 images, int64 labels
+    free = (once + twice) / 2 / feed.DEVICE_MEMORY_SHARE  # room for the data once, not with test counted twice
+    assert feed.keep_on_device(cfg, splits, free_bytes=int(free))
+
+
 def test_fmnist_loads_through_torchvision(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)

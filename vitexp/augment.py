@@ -1,8 +1,13 @@
-"""Batched augmentation on the training device: crop/flip, normalise, Cutout/Mixup/CutMix, label smoothing.
+"""Batched augmentation on the training device: crop/flip, normalise, Cutout, Mixup, CutMix, Random
+Erasing, label smoothing.
 
 Everything takes a whole batch and uses tensor ops only (no Python loop over samples on a GPU; on the
 CPU the resize goes image by image, where that is faster), drawing from generators the trainer owns and
 checkpoints, so a resumed run draws the same numbers.
+
+The training crop is `data.crop`: the random resized crop (ImageNet style, the default), a CIFAR-style
+random crop of the zero-padded image (`pad_crop`), or none at all (`squash`: the stored images are the
+whole pictures squashed to the model's size), for the recipes each of them comes from.
 
 The `aug` group's options are registered in `AUGMENTATIONS` with their schemas; each builds a callable
 `(images, soft_targets) -> (images, soft_targets)` on a normalised batch, as torchvision's reference
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,6 +72,44 @@ class MixupConfig(MixConfig):
 class CutMixConfig(MixConfig):
     name: str = "cutmix"
     p: float = 0.5
+
+
+@dataclass
+class MixupCutMixConfig(AugConfig):
+    """Mixup or CutMix, one of them per batch (timm's `Mixup(switch_prob=...)`)."""
+
+    name: str = "mixup_cutmix"
+    mixup_alpha: float = 0.2  # a Mixup batch: lambda ~ Beta(mixup_alpha, mixup_alpha), one per batch
+    cutmix_alpha: float = 1.0  # a CutMix batch: lambda ~ Beta(cutmix_alpha, cutmix_alpha), one per sample
+    switch_prob: float = 0.5  # probability that a mixed batch gets CutMix rather than Mixup
+    p: float = 1.0  # probability of mixing a batch at all (timm's prob)
+
+    def rules(self) -> Iterator[Rule]:
+        yield "mixup_alpha", self.mixup_alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "cutmix_alpha", self.cutmix_alpha > 0, "a float > 0 (Beta(alpha, alpha))"
+        yield "switch_prob", 0 <= self.switch_prob <= 1, "a probability in [0, 1]"
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+
+
+ERASING_MODES = ("const", "pixel")
+
+
+@dataclass
+class RandomErasingConfig(AugConfig):
+    """Random Erasing (Zhong et al. 2020) with torchvision's box distribution and timm's fill modes."""
+
+    name: str = "random_erasing"
+    p: float = 0.25  # probability of erasing a rectangle in an image (timm's re_prob)
+    scale: list[float] = field(default_factory=lambda: [0.02, 1 / 3])  # erased area / image area: [min, max]
+    ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])  # its aspect ratio h/w, log-uniform: [min, max]
+    mode: str = "const"  # fill: const (zeros: the mean colour) or pixel (per-pixel N(0, 1) noise, as timm)
+
+    def rules(self) -> Iterator[Rule]:
+        yield "p", 0 <= self.p <= 1, "a probability in [0, 1]"
+        scale, ratio = self.scale, self.ratio
+        yield "scale", len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "[min, max] with 0 < min <= max <= 1"
+        yield "ratio", len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "[min, max] with 0 < min <= max"
+        yield "mode", self.mode in ERASING_MODES, f"one of {', '.join(ERASING_MODES)}"
 
 
 def sample_crop_boxes(
@@ -142,6 +185,23 @@ def crop_flip_resize_per_image(
     return out
 
 
+def pad_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Zero-pad each image by `padding` pixels per side, take the (H, W) window at `offsets` (top, left) in the
+    padded image, mirrored where `flip`: torchvision's RandomCrop(size, padding) + RandomHorizontalFlip.
+
+    One gather for the whole batch, any dtype and device; no pixel is resampled.
+    """
+    n, channels, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    device = images.device
+    rows = offsets[:, 0, None] + torch.arange(height, device=device)  # (n, H)
+    across = torch.arange(width, device=device)
+    cols = offsets[:, 1, None] + torch.where(flip[:, None], width - 1 - across, across)  # (n, W)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def center_crop(images: torch.Tensor, out_size: int) -> torch.Tensor:
     top = (images.shape[-2] - out_size) // 2
     left = (images.shape[-1] - out_size) // 2
@@ -177,6 +237,62 @@ def cutout(images: torch.Tensor, n_holes: int, length: int, p: float, gen: torch
     applied = torch.rand(n, device=device, generator=gen) < p
     mask = holes.any(dim=1) & applied[:, None, None]
     return images.masked_fill(mask[:, None], 0.0)
+
+
+def sample_erasing_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    gen: torch.Generator,
+    tries: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Erasing boxes (top, left, h, w) in pixels as torchvision's RandomErasing.get_params draws them, and
+    whether one was found.
+
+    All `tries` candidates of every image are drawn at once (area ~ U(scale) x H x W, log(h/w) ~ U(log ratio),
+    sides rounded) and the first that fits (h < H and w < W, strictly, as torchvision) is kept; an image with
+    none that fits is left alone, as torchvision does after its 10 attempts.
+    """
+    device = gen.device
+    area = torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=gen) * (height * width)
+    log_ratio = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_ratio)
+    h = torch.sqrt(area * aspect).round()
+    w = torch.sqrt(area / aspect).round()
+    fits = (h < height) & (w < width)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    u = torch.rand(n, 2, device=device, generator=gen)
+    top = torch.floor(u[:, 0] * (height - h + 1))
+    left = torch.floor(u[:, 1] * (width - w + 1))
+    return torch.stack([top, left, h, w], dim=1), found
+
+
+def random_erasing(
+    images: torch.Tensor,
+    p: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    mode: str,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Erase one rectangle per image with probability `p`: zeros (`const`) or N(0, 1) noise per pixel (`pixel`).
+
+    On a normalised batch zero is the mean colour and N(0, 1) the data's own spread, as timm fills.
+    """
+    n, _, height, width = images.shape
+    boxes, found = sample_erasing_boxes(n, height, width, scale, ratio, gen)
+    top, left, h, w = boxes.unbind(1)
+    mask, _ = box_masks(top + h / 2, left + w / 2, h / 2, w / 2, height, width)  # exactly [top, top + h) etc.
+    applied = (torch.rand(n, device=images.device, generator=gen) < p) & found
+    mask = (mask & applied[:, None, None])[:, None]
+    if mode == "pixel":
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=gen)
+        return torch.where(mask, noise, images)
+    return images.masked_fill(mask, 0.0)
 
 
 def mixup(
@@ -264,6 +380,48 @@ class CutMix:
         return mixed, targets
 
 
+@AUGMENTATIONS.register("mixup_cutmix", MixupCutMixConfig)
+class MixupOrCutMix:
+    """Mixup or CutMix, one of them for each batch (DeiT's recipe, timm's `Mixup` with `switch_prob`).
+
+    A batch is mixed with probability p; a mixed batch is CutMix with probability switch_prob (a box per
+    sample, each with its own lambda, as `aug=cutmix`) and Mixup otherwise (one lambda, as `aug=mixup`).
+    """
+
+    def __init__(
+        self, cfg: MixupCutMixConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator
+    ) -> None:
+        self.cfg, self.gen, self.np_rng = cfg, gen, np_rng
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, device = images.shape[0], images.device
+        perm = torch.randperm(n, device=device, generator=self.gen)
+        if self.np_rng.random() >= self.cfg.p:
+            return images, targets
+        if self.np_rng.random() < self.cfg.switch_prob:
+            alpha = self.cfg.cutmix_alpha
+            lam = to_device_async(torch.from_numpy(self.np_rng.beta(alpha, alpha, size=n)).float(), device)
+            applied = torch.ones(n, dtype=torch.bool, device=device)
+            mixed, targets, _ = cutmix(images, targets, lam, applied, perm, self.gen)
+            return mixed, targets
+        alpha = self.cfg.mixup_alpha
+        return mixup(images, targets, float(self.np_rng.beta(alpha, alpha)), perm)
+
+
+@AUGMENTATIONS.register("random_erasing", RandomErasingConfig)
+class RandomErasing:
+    """Random Erasing on normalised images; labels untouched. Boxes and noise come from the device generator."""
+
+    def __init__(
+        self, cfg: RandomErasingConfig, img_size: int, gen: torch.Generator, np_rng: np.random.Generator
+    ) -> None:
+        self.cfg, self.gen = cfg, gen
+        self.scale, self.ratio = (cfg.scale[0], cfg.scale[1]), (cfg.ratio[0], cfg.ratio[1])
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_erasing(images, self.cfg.p, self.scale, self.ratio, self.cfg.mode, self.gen), targets
+
+
 def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Label smoothing on a (possibly mixed) soft target: y' = y (1 - eps) + eps / K."""
     return targets * (1 - epsilon) + epsilon / targets.shape[-1]
@@ -273,7 +431,9 @@ class BatchAugment:
     """The training-time batch pipeline: uint8 batch + labels -> normalised float images + soft targets.
 
     Random numbers come from a torch generator on the device (crops, flips, boxes) and a NumPy generator
-    (Beta draws, which torch cannot take from a generator); both are in `state_dict` for resume.
+    (Beta draws, which torch cannot take from a generator); both are in `state_dict` for resume. The crop
+    is `data.crop`: `random_resized` (crop_scale, crop_ratio, hflip), `pad_crop` (crop_padding, hflip) or
+    `squash` (none); the last two take stored images of `data.img_size` and evaluate them as they are.
     """
 
     def __init__(
@@ -293,17 +453,33 @@ class BatchAugment:
         return x.mul_(self.scale).add_(self.shift)
 
     def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """The center crop, normalised: the image as it is for `pad_crop` and `squash` (stored at img_size)."""
         return self.normalize(center_crop(images, self.data.img_size))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, size = images.shape[0], images.shape[-1]
-        scale, ratio = self.data.crop_scale, self.data.crop_ratio
-        boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
-        flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
-        # crop first, then normalise: fewer pixels
-        x = self.normalize(crop_flip_resize(images, boxes, flip, self.data.img_size, self.data.resample))
-        x, y = self.augmentation(x, F.one_hot(labels, self.num_classes).float())
+        x, y = self.augmentation(self.train_crop(images), F.one_hot(labels, self.num_classes).float())
         return x, smooth(y, self.smoothing)
+
+    def train_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch cropped (and flipped) as `data.crop` says, normalised."""
+        n, size = images.shape[0], images.shape[-1]
+        if self.data.crop == "random_resized":
+            scale, ratio = self.data.crop_scale, self.data.crop_ratio
+            boxes = sample_crop_boxes(n, size, (scale[0], scale[1]), (ratio[0], ratio[1]), self.gen)
+            flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
+            # crop first, then normalise: fewer pixels
+            return self.normalize(crop_flip_resize(images, boxes, flip, self.data.img_size, self.data.resample))
+        if size != self.data.img_size or images.shape[-2] != self.data.img_size:
+            raise ValueError(
+                f"data.crop={self.data.crop} takes images stored at data.img_size={self.data.img_size} px, "
+                f"got {images.shape[-2]}x{size} (load them at data.stored_size)"
+            )
+        if self.data.crop == "squash":  # the stored image is the whole picture: nothing to crop, no flip
+            return self.normalize(images)
+        pad = self.data.crop_padding
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), device=images.device, generator=self.gen)
+        flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
+        return self.normalize(pad_crop_flip(images, pad, offsets, flip))
 
     def state_dict(self) -> dict:
         return {"torch": self.gen.get_state(), "numpy": self.np_rng.bit_generator.state}

@@ -1,10 +1,12 @@
 """Datasets as uint8 image tensors of one stored size, split into train/val/test.
 
 Images become `uint8 (3, S, S)` tensors as early as possible (decode, shorter side resized to S, center
-crop); every random transform and the normalisation run later, batched, on the training device
-(`vitexp.augment`). So the CPU side is deterministic: a batch depends only on which indices it holds,
-which is what makes mid-epoch resume exact. Each dataset option is a loader registered in `DATASETS`
-(Oxford-IIIT Pet's, with its download and decode cache, is in `vitexp.pets`).
+crop; with `data.crop=squash` the whole image resized to S x S); every random transform and the
+normalisation run later, batched, on the training device (`vitexp.augment`). So the CPU side is
+deterministic: a batch depends only on which indices it holds, which is what makes mid-epoch resume
+exact. Each dataset option is a loader registered in `DATASETS` (Oxford-IIIT Pet's, with its download
+and decode cache, is in `vitexp.pets`); every one of them supports `data.val_fraction=0` (no hold-out:
+the test split selects the model, see `vitexp.splits.make_splits`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from torch.utils.data import TensorDataset
 from vitexp.config import DataConfig
 from vitexp.pets import load_pets
 from vitexp.registry import Registry
-from vitexp.splits import Splits, cache_dir_of, locked, require_root, split_tensors, stratified_split
+from vitexp.splits import (
+    Splits,
+    cache_dir_of,
+    locked,
+    make_splits,
+    require_root,
+    split_tensors,
+    stratified_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +37,7 @@ DATASETS: Registry[Splits] = Registry("data")  # every dataset option shares Dat
 
 
 def to_stored(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, H, W[, C]) arrays as uint8 (N, 3, size, size), resized only when the size differs."""
+    """uint8 (N, H, W[, C]) square arrays as uint8 (N, 3, size, size), resized only when the size differs."""
     images = images.unsqueeze(-1) if images.ndim == 3 else images
     images = images.permute(0, 3, 1, 2).expand(-1, 3, -1, -1) if images.shape[-1] == 1 else images.permute(0, 3, 1, 2)
     if images.shape[-1] != size:
@@ -53,13 +63,8 @@ def load_torchvision_arrays(cfg: DataConfig) -> Splits:
         tensors.append(TensorDataset(to_stored(images, cfg.stored_size), torch.as_tensor(split.targets).long()))
     train_idx, val_idx = stratified_split(tensors[0].tensors[1].tolist(), cfg.val_fraction, cfg.split_seed)
     classes = list(splits[0].classes)
-    return Splits(
-        split_tensors(tensors[0], train_idx),
-        split_tensors(tensors[0], val_idx),
-        tensors[1],
-        num_classes=len(classes),
-        class_names=classes,
-    )
+    train, val = split_tensors(tensors[0], train_idx), split_tensors(tensors[0], val_idx)
+    return make_splits(cfg, train, val, tensors[1], num_classes=len(classes), class_names=classes)
 
 
 SYNTHETIC_IMAGES, SYNTHETIC_CLASSES = 4096, 10
@@ -77,7 +82,8 @@ def load_synthetic(cfg: DataConfig) -> Splits:
 
     n_val = round(SYNTHETIC_IMAGES * cfg.val_fraction)
     names = [str(i) for i in range(SYNTHETIC_CLASSES)]
-    return Splits(make(SYNTHETIC_IMAGES - n_val), make(n_val), make(1024), SYNTHETIC_CLASSES, names)
+    train, val = make(SYNTHETIC_IMAGES - n_val), make(n_val)
+    return make_splits(cfg, train, val, make(1024), SYNTHETIC_CLASSES, names)
 
 
 DIGITS_TEST_FRACTION = 0.2
@@ -104,7 +110,7 @@ def load_digits_splits(cfg: DataConfig) -> Splits:
         return TensorDataset(images[idx], labels[idx])
 
     names = [str(d) for d in range(10)]
-    return Splits(subset(train_idx), subset(val_idx), subset(test_idx), num_classes=10, class_names=names)
+    return make_splits(cfg, subset(train_idx), subset(val_idx), subset(test_idx), num_classes=10, class_names=names)
 
 
 DATASETS.register("pets", DataConfig)(load_pets)  # Oxford-IIIT Pet lives in a module of its own

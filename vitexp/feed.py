@@ -1,5 +1,8 @@
 """How batches reach the training loop: in a seeded order that resumes mid-epoch, from tensors on the
 device (one indexing op per batch) or through DataLoaders (per-image policies, data that does not fit).
+
+A split that is the same dataset as another (`val` is `test` with `data.val_fraction=0`) is counted and
+moved to the device once.
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ def keep_on_device(data: DataConfig, splits: Splits, free_bytes: int | None) -> 
         return False
     if mode == "true" or free_bytes is None:
         return True
-    size = sum(t.nelement() * t.element_size() for name in SPLITS for t in getattr(splits, name).tensors)
+    datasets = {id(dataset): dataset for dataset in (getattr(splits, name) for name in SPLITS)}.values()
+    size = sum(t.nelement() * t.element_size() for dataset in datasets for t in dataset.tensors)
     if size > DEVICE_MEMORY_SHARE * free_bytes:
         log.info(
             "data (%.1f GB) stays in host memory: more than %d%% of free GPU memory",
@@ -179,7 +183,13 @@ class Feed:
         self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed=seed)
         self.resident = keep_on_device(data, splits, free_memory(device))
         if self.resident:
-            self.device_data = {name: DeviceData(getattr(splits, name), device) for name in SPLITS}
+            moved: dict[int, DeviceData] = {}  # by dataset: val and test may be one dataset, moved once
+            self.device_data = {}
+            for name in SPLITS:
+                dataset = getattr(splits, name)
+                if id(dataset) not in moved:
+                    moved[id(dataset)] = DeviceData(dataset, device)
+                self.device_data[name] = moved[id(dataset)]
             return
         pin = device.type == "cuda"
         train, sampler = splits.train, self.order

@@ -2,7 +2,9 @@
 
 The tree comes through torchvision's `OxfordIIITPet`. A download goes into a temporary directory and is
 swapped in only when complete, so a failed one never costs a user the copy they have. Every image is
-decoded once into a cache keyed by everything that shapes its pixels.
+decoded once into a cache keyed by everything that shapes its pixels, the resize included: with
+`data.crop=squash` an image is squashed whole to a square (aspect ratio ignored) instead of resized and
+center-cropped, so the two modes keep separate caches and neither is ever read for the other.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vitexp.splits import (
     Splits,
     cache_dir_of,
     locked,
+    make_splits,
     not_writable,
     require_root,
     split_tensors,
@@ -88,8 +91,11 @@ PETS_COMPLETE_MARKER = ".vitexp-complete"
 PETS_LOCK = ".oxford-iiit-pet.lock"
 
 
-def to_uint8_square(size: int) -> v2.Compose:
-    """PIL image -> uint8 (3, size, size): shorter side resized to `size`, then center-cropped."""
+def to_uint8_square(size: int, squash: bool = False) -> v2.Compose:
+    """PIL image -> uint8 (3, size, size): shorter side resized to `size`, then center-cropped; with `squash`
+    the whole image resized to size x size, its aspect ratio ignored (nothing cropped)."""
+    if squash:
+        return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
     return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
@@ -119,10 +125,10 @@ def pets_listing(base: Path, split: str) -> list[str]:
 class PetsImages(Dataset):
     """torchvision's OxfordIIITPet yielding uint8 squares; a file that cannot be decoded is named in the error."""
 
-    def __init__(self, root: Path, split: str, size: int) -> None:
+    def __init__(self, root: Path, split: str, size: int, squash: bool = False) -> None:
         pets_listing(root / "oxford-iiit-pet", split)  # a clear error before torchvision's parser sees it
-        self.pets = OxfordIIITPet(root, split=split, transform=to_uint8_square(size))
-        self.size = size
+        self.pets = OxfordIIITPet(root, split=split, transform=to_uint8_square(size, squash))
+        self.size, self.squash = size, squash
 
     @property
     def labels(self) -> list[int]:
@@ -273,7 +279,8 @@ def cached(
     belongs to this dataset alone), a new cache replaces the older ones of the same split and size.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"{key['split']}-{key['size']}px-{digest}.pt"
+    stem = f"{key['split']}-{key['size']}px" + (f"-{key['resize']}" if "resize" in key else "")
+    path = cache_dir / f"{stem}-{digest}.pt"
     with locked(path.with_name(path.name + ".lock")):
         if path.exists():
             try:
@@ -288,7 +295,7 @@ def cached(
         images, labels = data.tensors
         atomic_write(path, lambda file: torch.save({"key": key, "images": images, "labels": labels}, file))
         log.info("cached %d images of %s %s in %s", len(images), key["dataset"], key["split"], path)
-        for stale in cache_dir.glob(f"{key['split']}-{key['size']}px-*.pt") if prune else ():
+        for stale in cache_dir.glob(f"{stem}-{'?' * len(digest)}.pt") if prune else ():  # this resize's only
             if stale != path:  # its images or listing changed since: it will never be read again
                 stale.unlink(missing_ok=True)
                 log.info("removed the outdated cache %s", stale)
@@ -308,9 +315,13 @@ def _files_digest(files: list[Path]) -> str:
 
 
 def _pets_cache_key(base: Path, split: str, images: PetsImages) -> dict[str, Any]:
-    """Everything that shapes a split's cached pixels and labels: size, decoding, listing, each image file."""
+    """Everything that shapes a split's cached pixels and labels: size, resize, decoding, listing, each image file.
+
+    The default resize (shorter side, center crop) adds no `resize` entry, so caches made before `squash`
+    existed keep their keys and stay valid.
+    """
     listing = (base / "annotations" / f"{split}.txt").read_bytes()
-    return {
+    key = {
         "dataset": "pets",
         "split": split,
         "size": images.size,
@@ -318,19 +329,21 @@ def _pets_cache_key(base: Path, split: str, images: PetsImages) -> dict[str, Any
         "listing": hashlib.sha256(listing).hexdigest(),
         "files": _files_digest(images.files),
     }
+    return key | ({"resize": "squash"} if images.squash else {})
 
 
 def load_pets(cfg: DataConfig) -> Splits:
     root = Path(cfg.root).expanduser()
     base = prepare_pets(root, cfg.download, cache_dir_of(cfg))
-    trainval, test = (PetsImages(root, split, cfg.stored_size) for split in ("trainval", "test"))
+    squash = cfg.crop == "squash"
+    trainval, test = (PetsImages(root, split, cfg.stored_size, squash) for split in ("trainval", "test"))
     train_idx, val_idx = stratified_split(trainval.labels, cfg.val_fraction, cfg.split_seed)
     if not cfg.cache:
         train, val = torch.utils.data.Subset(trainval, train_idx), torch.utils.data.Subset(trainval, val_idx)
-        return Splits(train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+        return make_splits(cfg, train, val, test, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
     own_cache = cache_dir_of(cfg) is None  # data.cache_dir may serve several copies of the dataset: never pruned
     cache_dir = cache_dir_of(cfg) or base / ".vitexp-cache"
     trainval_data = cached(trainval, cache_dir, _pets_cache_key(base, "trainval", trainval), cfg.num_workers, own_cache)
     test_data = cached(test, cache_dir, _pets_cache_key(base, "test", test), cfg.num_workers, own_cache)
     train, val = split_tensors(trainval_data, train_idx), split_tensors(trainval_data, val_idx)
-    return Splits(train, val, test_data, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)
+    return make_splits(cfg, train, val, test_data, num_classes=len(PETS_CLASSES), class_names=PETS_CLASSES)

@@ -1,5 +1,10 @@
-"""What every dataset loader returns and shares: the three uint8 splits, a stratified split, and the
-locked, never-created-by-accident dataset root."""
+"""What every dataset loader returns and shares: the three uint8 splits, a stratified split, the size the
+images are stored at, and the locked, never-created-by-accident dataset root.
+
+`data.val_fraction=0` holds nothing out: the test split then doubles as the validation split, and
+`Splits.selected_on_test` says so, so that results selected on the test split are never mistaken for
+results selected on a held-out one.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +29,31 @@ class DataError(RuntimeError):
 
 @dataclass
 class Splits:
-    """The three splits as datasets of `(uint8 (3, S, S) image, int label)` plus the label space."""
+    """The three splits as datasets of `(uint8 (3, S, S) image, int label)` plus the label space.
+
+    `selected_on_test` is True when there is no held-out validation split (`data.val_fraction=0`): `val`
+    is then the very `test` dataset, and the best epoch is chosen on the test split.
+    """
 
     train: Dataset
     val: Dataset
     test: Dataset
     num_classes: int
     class_names: Sequence[str]
+    selected_on_test: bool = False
+
+
+def make_splits(
+    cfg: DataConfig, train: Dataset, val: Dataset, test: Dataset, num_classes: int, class_names: Sequence[str]
+) -> Splits:
+    """The splits a loader made; with `data.val_fraction=0` the (empty) `val` is replaced by `test`."""
+    if cfg.val_fraction == 0:
+        return Splits(train, test, test, num_classes, class_names, selected_on_test=True)
+    return Splits(train, val, test, num_classes, class_names)
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices so each class keeps `val_fraction` of its samples in val (rounded), seeded.
+    """Split indices so each class keeps `val_fraction` of its samples in val (rounded), seeded; 0: val is empty.
 
     Written here rather than taken from scikit-learn because that one refuses classes with one sample,
     which a partial copy of a dataset has.
