@@ -14,12 +14,14 @@ from hydra.core.config_store import ConfigStore
 from torchvision.models import VisionTransformer as TorchvisionViT
 from torchvision.models import resnet18
 
-from tests.conftest import CONF, REPO
-from vitexp import models
+from tests.conftest import CONF, REPO, TINY
+from vitexp import checkpoint, models, run
 from vitexp.config import ConfigError, validate
+from vitexp.engine import Trainer
 from vitexp.groups import register_schemas
 from vitexp.models import (
     MODELS,
+    Block,
     PretrainedWeightsError,
     ResNetConfig,
     VisionTransformer,
@@ -28,18 +30,22 @@ from vitexp.models import (
     count_parameters,
     param_groups,
 )
+from vitexp.run import RunIdentity
 
 
-def copy_torchvision_vit(tv: TorchvisionViT, ours: VisionTransformer) -> None:
-    """Map torchvision's parameter names onto ours (fused qkv = nn.MultiheadAttention's in_proj)."""
+def copy_torchvision_vit(
+    tv: TorchvisionViT, ours: VisionTransformer, classifier: torch.nn.Linear | None = None
+) -> None:
+    """Map torchvision's parameter names onto ours (fused qkv = nn.MultiheadAttention's in_proj); with a
+    `classifier` after torchvision's head (seed 001's code layer), its head is our `code`."""
     mapping = {
         "conv_proj": "patch_embed",
         "class_token": "cls_token",
         "encoder.pos_embedding": "pos_embed",
         "encoder.ln": "norm",
-        "heads.head": "head",
+        "heads.head": "code" if classifier is not None else "head",
     }
-    state = {}
+    state = {} if classifier is None else {f"head.{name}": value for name, value in classifier.state_dict().items()}
     for name, value in tv.state_dict().items():
         new = name
         for old, replacement in mapping.items():
@@ -173,3 +179,146 @@ def test_the_readme_example_adds_a_model(tmp_path: Path) -> None:
     finally:  # other tests enumerate the registry
         MODELS.options.pop("small_cnn", None)
         ConfigStore.instance().repo["schema"]["model"].pop("small_cnn.yaml", None)
+
+
+# --- model sizes the seeds quote -------------------------------------------------------------------------
+# Seed 001 (FMNIST, torchvision's VisionTransformer(num_classes=code) + Linear(code, 10), 28 px, patch 7):
+# (depth, heads, dim, MLP width, code size, parameters) as its table lists them.
+SEED_001 = [
+    (4, 16, 256, 512, 128, 2_185_610),
+    (4, 8, 256, 512, 128, 2_185_610),
+    (4, 32, 256, 512, 128, 2_185_610),
+    (4, 4, 256, 512, 128, 2_185_610),
+    (8, 8, 256, 512, 128, 4_294_026),
+    (8, 16, 256, 512, 128, 4_294_026),
+    (8, 16, 256, 512, 784, 4_469_178),
+    (8, 8, 256, 1024, 128, 6_395_274),
+    (16, 8, 256, 512, 128, 8_510_858),
+    (8, 12, 768, 512, 128, 25_453_962),
+]
+
+
+@pytest.mark.parametrize("depth,heads,dim,mlp,code,params", SEED_001, ids=lambda v: str(v))
+def test_vit_with_a_code_layer_has_seed_001s_parameter_counts(depth, heads, dim, mlp, code, params) -> None:
+    cfg = ViTConfig(patch_size=7, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp / dim, code_size=code)
+    model = build_model(cfg, num_classes=10, img_size=28)
+    assert count_parameters(model) == params
+    assert model.blocks[0].mlp[0].out_features == mlp
+
+
+def test_vit_b16_has_torchvisions_parameter_count() -> None:
+    """Seed 000's ViT-B/16 on Pets: torchvision's vit_b_16 shape with 37 classes."""
+    cfg = ViTConfig(patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0)
+    assert count_parameters(build_model(cfg, num_classes=37, img_size=224)) == 85_827_109
+
+
+def test_the_code_layer_is_torchvisions_head_then_a_linear_classifier() -> None:
+    """code_size=C is seed 001's model: torchvision's ViT with num_classes=C, then nn.Linear(C, classes)."""
+    torch.manual_seed(0)
+    tv = TorchvisionViT(28, 7, 2, 4, 32, 64, num_classes=24).eval()
+    for param in tv.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    classifier = torch.nn.Linear(24, 10)
+    ours = build_model(ViTConfig(patch_size=7, dim=32, depth=2, heads=4, code_size=24), 10, 28).eval()
+    assert (ours.code.in_features, ours.code.out_features, ours.head.in_features) == (32, 24, 24)
+    copy_torchvision_vit(tv, ours, classifier)
+    images = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        expected, got = classifier(tv(images)), ours(images)
+    assert expected.abs().mean() > 0.05
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_new_keys_at_their_defaults_build_exactly_the_model_of_before() -> None:
+    """No code layer, no stochastic-depth module that draws, and the same initial weights."""
+    torch.manual_seed(0)
+    model = build_model(ViTConfig(dim=32, depth=3, heads=2, patch_size=8), 10, 16)
+    assert model.code is None and not any(name.startswith("code") for name, _ in model.named_parameters())
+    assert all(isinstance(block.drop_path, torch.nn.Identity) for block in model.blocks)
+    torch.manual_seed(0)
+    with_drop_path = build_model(ViTConfig(dim=32, depth=3, heads=2, patch_size=8, drop_path=0.3), 10, 16)
+    assert model.state_dict().keys() == with_drop_path.state_dict().keys()
+    for name, value in model.state_dict().items():  # drop_path draws nothing at construction
+        assert torch.equal(value, with_drop_path.state_dict()[name]), name
+
+
+# --- stochastic depth --------------------------------------------------------------------------------------
+def test_drop_path_rates_grow_linearly_over_the_blocks_as_timm() -> None:
+    model = build_model(ViTConfig(dim=32, depth=4, heads=2, patch_size=8, drop_path=0.3), 10, 16)
+    expected = [x.item() for x in torch.linspace(0, 0.3, 4)]
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)  # rate 0: nothing drawn
+    assert [block.drop_path.p for block in model.blocks[1:]] == expected[1:]
+    assert all(block.drop_path.mode == "row" for block in model.blocks[1:])
+
+
+def test_drop_path_zero_draws_no_random_numbers_in_training() -> None:
+    model = build_model(ViTConfig(dim=32, depth=2, heads=2, patch_size=8), 10, 16).train()
+    images = torch.randn(4, 3, 16, 16)
+    state = torch.get_rng_state()
+    model(images)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_drop_path_drops_each_sample_s_branches_and_scales_the_kept_ones() -> None:
+    """Per sample and per branch: 0 with probability p, else branch / (1 - p); drawn from the global generator."""
+    torch.manual_seed(0)
+    block, p = Block(16, 2, 2.0, 0.0, 1e-6, drop_path=0.4).train(), 0.4
+    x = torch.randn(64, 5, 16)
+    torch.manual_seed(7)
+    got = block(x)
+    torch.manual_seed(7)
+    keep1 = torch.empty(64, 1, 1).bernoulli_(1 - p) / (1 - p)
+    keep2 = torch.empty(64, 1, 1).bernoulli_(1 - p) / (1 - p)
+    with torch.no_grad():
+        mid = x + keep1 * block.attn(block.norm1(x))
+        expected = mid + keep2 * block.mlp(block.norm2(mid))
+    torch.testing.assert_close(got, expected)
+    assert 0 < (keep1 == 0).sum() < 64 and not torch.equal(keep1, keep2)
+    block.eval()  # off in evaluation: the plain block
+    with torch.no_grad():
+        mid = x + block.attn(block.norm1(x))
+        torch.testing.assert_close(block(x), mid + block.mlp(block.norm2(mid)))
+
+
+def test_a_run_with_drop_path_resumes_exactly(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """The drop decisions come from torch's generator, which the checkpoint keeps: resuming mid-epoch trains
+    exactly the weights of an uninterrupted run (and they differ from a run without stochastic depth)."""
+    overrides = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "model.depth=3"]
+
+    def fit(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        run.run(make_cfg(*overrides, *extra), tmp_path / name, RunIdentity({}))
+        return checkpoint.load(tmp_path / name / "last.pt")["model"]
+
+    straight = fit("straight", "model.drop_path=0.5")
+    original_step = Trainer.optimizer_step
+
+    def stop_after_3_steps(self: Trainer, finite: torch.Tensor) -> None:
+        original_step(self, finite)
+        if self.progress.step == 3:
+            self.stop_requested = True
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stop_after_3_steps)
+    fit("resumed", "model.drop_path=0.5")
+    monkeypatch.setattr(Trainer, "optimizer_step", original_step)
+    resumed = fit("resumed", "model.drop_path=0.5")
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    plain = fit("plain")
+    assert not torch.equal(plain["head.weight"], straight["head.weight"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.drop_path=1.0", "model.drop_path=1.0 is not allowed: expected a float in [0, 1)"),
+        ("model.drop_path=-0.1", "model.drop_path=-0.1 is not allowed: expected a float in [0, 1)"),
+        ("model.code_size=0", "model.code_size=0 is not allowed: expected an integer >= 1, or null"),
+        ("model.freeze=head", "model.freeze='head' is not allowed: expected one of none, backbone"),
+    ],
+)
+def test_vit_range_rules_name_the_key(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(make_cfg(override))
+    assert message in str(info.value)
+    typed = validate(make_cfg("model.drop_path=0.1", "model.code_size=128", "model.freeze=backbone"))
+    assert (typed.model.drop_path, typed.model.code_size, typed.model.freeze) == (0.1, 128, "backbone")

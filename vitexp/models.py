@@ -2,6 +2,11 @@
 
 Each model option is a schema and a builder registered together in `MODELS`; a new model is one more
 `@MODELS.register(name, Schema)` function (and its `conf/model/<name>.yaml`).
+
+Fine-tuning (`model.freeze=backbone`, `optim.backbone_lr_scale`) needs to know which parameters are the
+classification head. Only the model knows that, so each model says it itself: a `HeadFinetuning` model
+names its head's child modules in `head_modules`, and the optimizers ask `is_head` rather than guessing
+from parameter names.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models import ResNet, ResNet18_Weights
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import StochasticDepth
 
-from vitexp.config import Config, ModelConfig, Rule
+from vitexp.config import Config, ConfigError, ModelConfig, Rule
 from vitexp.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -29,14 +36,19 @@ class ViTConfig(ModelConfig):
     heads: int = 8  # attention heads per block
     mlp_ratio: float = 2.0  # MLP hidden width / dim
     dropout: float = 0.0  # in attention and MLP
+    drop_path: float = 0.0  # stochastic depth: the last block's branch drop rate (linear from 0 at the first)
+    code_size: int | None = None  # width of a linear code (embedding) layer before the classifier; None: none
 
     def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
         yield "patch_size", self.patch_size >= 1, "an integer >= 1 that divides data.img_size"
         yield "dim", self.dim >= 1, "an integer >= 1 divisible by model.heads"
         yield "depth", self.depth >= 1, "an integer >= 1"
         yield "heads", self.heads >= 1 and self.dim % self.heads == 0, f"an integer >= 1 dividing model.dim={self.dim}"
         yield "mlp_ratio", self.mlp_ratio > 0, "a float > 0"
         yield "dropout", 0 <= self.dropout < 1, "a float in [0, 1)"
+        yield "drop_path", 0 <= self.drop_path < 1, "a float in [0, 1)"
+        yield "code_size", self.code_size is None or self.code_size >= 1, "an integer >= 1, or null (no code layer)"
 
     def rules_in(self, config: Config) -> Iterator[Rule]:
         size = config.data.img_size
@@ -48,6 +60,33 @@ class ViTConfig(ModelConfig):
 class ResNetConfig(ModelConfig):
     name: str = "resnet18"
     pretrained: bool = False  # torchvision's ImageNet weights (downloaded once into TORCH_HOME)
+    code_size: int | None = None  # width of a linear code (embedding) layer before the classifier; None: none
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "code_size", self.code_size is None or self.code_size >= 1, "an integer >= 1, or null (no code layer)"
+
+
+class HeadFinetuning(nn.Module):
+    """A model whose classification head can be trained alone (`model.freeze=backbone`) or at another
+    learning rate than the rest (`optim.backbone_lr_scale`).
+
+    `head_modules` names the direct children that make up the head. A frozen backbone stays in eval mode
+    whatever `train()` says: BatchNorm keeps its statistics (they are part of the pretrained model, and a
+    frozen model must not change) and dropout and stochastic depth stay off, so the head learns from the
+    features it will be evaluated on.
+    """
+
+    head_modules: tuple[str, ...] = ()
+    backbone_frozen: bool = False
+
+    def train(self, mode: bool = True) -> HeadFinetuning:
+        super().train(mode)
+        if self.backbone_frozen:
+            for name, child in self.named_children():
+                if name not in self.head_modules:
+                    child.train(False)
+        return self
 
 
 class Attention(nn.Module):
@@ -68,9 +107,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, eps: float) -> None:
+    With `drop_path` > 0 each residual branch is dropped per sample with that probability in training and
+    scaled by 1 / (1 - drop_path) when kept (stochastic depth, as timm's `DropPath`); the draws come from
+    torch's global generator, like dropout's, so a resumed run draws the same. At 0 the branch is an
+    `nn.Identity`, which draws nothing: such a model computes exactly what it did before the option existed.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, dropout: float, eps: float, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -79,16 +126,24 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
         )
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al. 2021): conv patch embedding, cls token, learned positions, pre-norm blocks."""
+class VisionTransformer(HeadFinetuning):
+    """ViT (Dosovitskiy et al. 2021): conv patch embedding, cls token, learned positions, pre-norm blocks.
+
+    Its parameters are torchvision's `VisionTransformer`'s, one for one. With `code_size` a linear code
+    (embedding) layer of that width sits between the final norm and the classifier, with no activation
+    between: torchvision's ViT built with `num_classes=code_size`, then `nn.Linear(code_size, classes)`. The
+    code layer is initialised as every other linear layer and the classifier at zero, as without it.
+    """
 
     no_weight_decay = ("cls_token", "pos_embed")
+    head_modules = ("code", "head")
 
     def __init__(
         self,
@@ -101,6 +156,8 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float,
         dropout: float = 0.0,
         eps: float = 1e-6,
+        drop_path: float = 0.0,
+        code_size: int | None = None,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -110,9 +167,12 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(dropout)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout, eps) for _ in range(depth)])
+        # Deeper blocks are dropped more, as timm (on the CPU: a rate is a number, whatever the default device).
+        rates = [x.item() for x in torch.linspace(0, drop_path, depth, device="cpu")]
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout, eps, rate) for rate in rates])
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.head = nn.Linear(dim, num_classes)
+        self.code = nn.Linear(dim, code_size) if code_size is not None else None
+        self.head = nn.Linear(code_size or dim, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,7 +191,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.blocks(self.pos_drop(x + self.pos_embed))
-        return self.head(self.norm(x[:, 0]))
+        x = self.norm(x[:, 0])
+        if self.code is not None:
+            x = self.code(x)
+        return self.head(x)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -141,13 +204,32 @@ class PretrainedWeightsError(RuntimeError):
 @MODELS.register("vit", ViTConfig)
 def build_vit(cfg: ViTConfig, num_classes: int, img_size: int) -> nn.Module:
     return VisionTransformer(
-        img_size, cfg.patch_size, num_classes, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout
+        img_size,
+        cfg.patch_size,
+        num_classes,
+        cfg.dim,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_ratio,
+        cfg.dropout,
+        drop_path=cfg.drop_path,
+        code_size=cfg.code_size,
     )
+
+
+class ResNet18(HeadFinetuning, ResNet):
+    """torchvision's ResNet-18 (built as `torchvision.models.resnet18` builds it, the same weights for a
+    seed), whose head is `fc`."""
+
+    head_modules = ("fc",)
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
 
 
 @MODELS.register("resnet18", ResNetConfig)
 def build_resnet18(cfg: ResNetConfig, num_classes: int, img_size: int) -> nn.Module:
-    model = resnet18(num_classes=1000 if cfg.pretrained else num_classes)
+    model = ResNet18(num_classes=1000 if cfg.pretrained else num_classes)
     if cfg.pretrained:
         weights = ResNet18_Weights.IMAGENET1K_V1
         try:
@@ -159,24 +241,73 @@ def build_resnet18(cfg: ResNetConfig, num_classes: int, img_size: int) -> nn.Mod
                 f"elsewhere and place it at {cache} (or set TORCH_HOME to a directory holding hub/checkpoints/)"
             ) from err
         model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if cfg.code_size is not None:  # the code layer then the classifier, both the head (`fc`)
+        model.fc = nn.Sequential(nn.Linear(model.fc.in_features, cfg.code_size), nn.Linear(cfg.code_size, num_classes))
     return model
 
 
 def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
-    """The registered model `cfg.name`, with `num_classes` outputs for `img_size` square images."""
-    return MODELS.build(cfg, num_classes, img_size)
+    """The registered model `cfg.name`, with `num_classes` outputs for `img_size` square images (with
+    `cfg.freeze=backbone`, only its head trainable)."""
+    model = MODELS.build(cfg, num_classes, img_size)
+    if cfg.freeze == "backbone":
+        freeze_backbone(model)
+    return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def head_modules(model: nn.Module) -> tuple[str, ...]:
+    """The names of the children that are `model`'s classification head; an error for a model that has none."""
+    heads = model.head_modules if isinstance(model, HeadFinetuning) else ()
+    if not heads:
+        raise ConfigError(
+            f"{type(model).__name__} does not say which of its modules are its classification head, so "
+            "model.freeze=backbone and optim.backbone_lr_scale cannot be used with it: expected a model "
+            "that subclasses vitexp.models.HeadFinetuning and sets head_modules"
+        )
+    return heads
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: decay on weight matrices/kernels, none on norms, biases, cls token, positions."""
+def is_head(model: nn.Module, name: str) -> bool:
+    """Whether the parameter (or buffer) `name` of `model` belongs to its classification head."""
+    return name.split(".", 1)[0] in head_modules(model)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Train only the head: every other parameter stops requiring gradients (so no optimizer holds it) and
+    the backbone stays in eval mode (see `HeadFinetuning`)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(model, name))
+    model.backbone_frozen = True
+    model.train(model.training)
+
+
+def count_parameters(model: nn.Module, trainable: bool = False) -> int:
+    """Parameters of `model`; with `trainable`, only those that require gradients (the head, when frozen)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr: float | None = None) -> list[dict]:
+    """Two optimizer groups: decay on weight matrices/kernels, none on norms, biases, cls token, positions.
+
+    With `backbone_lr`, four: the head's two (at the optimizer's learning rate; first, so that the rate a
+    run logs, the first group's, is the head's) and the backbone's two at `backbone_lr`. Parameters that
+    do not require gradients (a frozen backbone) are in none.
+    """
     skip = set(getattr(model, "no_weight_decay", ()))
     decay, no_decay = [], []
+    backbone_decay, backbone_no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_wd = param.ndim <= 1 or name in skip
+        if backbone_lr is None or is_head(model, name):
+            (no_decay if no_wd else decay).append(param)
+        else:
+            (backbone_no_decay if no_wd else backbone_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if backbone_lr is not None:
+        groups += [
+            {"params": backbone_decay, "weight_decay": weight_decay, "lr": backbone_lr},
+            {"params": backbone_no_decay, "weight_decay": 0.0, "lr": backbone_lr},
+        ]
+    return groups

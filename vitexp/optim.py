@@ -3,19 +3,24 @@
 Every optimizer is fused (CPU and CUDA): one kernel per step that can also skip a non-finite step on
 the device (`found_inf`), so the training loop never waits for the GPU. A schedule is a per-step factor
 of `optim.lr` (LambdaLR), counted in optimizer steps, skipped ones included.
+
+Fine-tuning: `optim.backbone_lr_scale` puts the backbone (all but the head the model names, see
+`vitexp.models.HeadFinetuning`) in param groups of their own at `optim.lr * scale`. LambdaLR multiplies
+each group's own initial rate by the schedule's factor, so the ratio holds at every step. At the default
+1.0 the groups are exactly those of before the key existed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from vitexp.config import OptimConfig, Rule, SchedConfig
-from vitexp.models import param_groups
+from vitexp.config import Config, OptimConfig, Rule, SchedConfig
+from vitexp.models import is_head, param_groups
 from vitexp.registry import Registry
 
 OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optim")
@@ -32,6 +37,10 @@ class AdamWConfig(OptimConfig):
         yield from super().rules()
         yield "betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "[beta1, beta2] in [0, 1)"
         yield "eps", self.eps > 0, "a float > 0"
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        yield from super().rules_in(config)
+        yield from finetune_rules(self, config)
 
 
 @dataclass
@@ -60,27 +69,55 @@ class SGDConfig(OptimConfig):
             "false with optim.momentum=0 (Nesterov needs momentum)",
         )
 
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        yield from super().rules_in(config)
+        yield from finetune_rules(self, config)
+
+
+def finetune_rules(optim: OptimConfig, config: Config) -> Iterator[Rule]:
+    """A backbone learning rate means nothing for a frozen backbone: refused rather than silently ignored."""
+    frozen = config.model.freeze == "backbone"
+    yield (
+        "optim.backbone_lr_scale",
+        not (frozen and optim.backbone_lr_scale != 1),
+        "1.0 with model.freeze=backbone (a frozen backbone is not trained)",
+    )
+
+
+def backbone_lr(cfg: OptimConfig) -> float | None:
+    """The backbone's learning rate; None at `backbone_lr_scale=1`: one rate, and the groups of before."""
+    return None if cfg.backbone_lr_scale == 1 else cfg.lr * cfg.backbone_lr_scale
+
 
 @OPTIMIZERS.register("adamw", AdamWConfig)
 def build_adamw(cfg: AdamWConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, backbone_lr(cfg))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 @OPTIMIZERS.register("adam", AdamConfig)
 def build_adam(cfg: AdamConfig, model: nn.Module) -> torch.optim.Optimizer:
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups: list = [param for _, param in trainable]  # one group, every parameter decayed (the recipe's)
+    if (lr := backbone_lr(cfg)) is not None:
+        head = {name for name, _ in trainable if is_head(model, name)}
+        groups = [
+            {"params": [param for name, param in trainable if name in head]},
+            {"params": [param for name, param in trainable if name not in head], "lr": lr},
+        ]
     return torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
     )
 
 
 @OPTIMIZERS.register("sgd", SGDConfig)
 def build_sgd(cfg: SGDConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, backbone_lr(cfg))
     sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     if cfg.momentum:  # fused SGD leaves a buffer it creates on a skipped first step uninitialised
         for param in model.parameters():
-            sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
+            if param.requires_grad:  # the optimizer's parameters: a frozen one is in no group
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
     return sgd
 
 
@@ -93,17 +130,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 @SCHEDULES.register("cosine", SchedConfig)
-def cosine(cfg: SchedConfig, lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return lambda step: lr_factor(step, warmup, steps_per_epoch * epochs, cfg.min_lr / lr)
+def cosine(cfg: SchedConfig, lr: float, epoch_steps: Sequence[int]) -> Callable[[int], float]:
+    whole = min(int(cfg.warmup_epochs), len(epoch_steps))
+    if len(set(epoch_steps)) == 1:  # the same steps every epoch
+        warmup = round(cfg.warmup_epochs * epoch_steps[0])
+    else:  # accumulation by epoch: the steps of the whole warmup epochs and a share of the next one's
+        partial = epoch_steps[whole] * (cfg.warmup_epochs - whole) if whole < len(epoch_steps) else 0
+        warmup = sum(epoch_steps[:whole]) + round(partial)
+    return lambda step: lr_factor(step, warmup, sum(epoch_steps), cfg.min_lr / lr)
 
 
 @SCHEDULES.register("none", SchedConfig)
-def constant(cfg: SchedConfig, lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+def constant(cfg: SchedConfig, lr: float, epoch_steps: Sequence[int]) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
 def build_schedule(
-    cfg: SchedConfig, optimizer: torch.optim.Optimizer, lr: float, steps_per_epoch: int, epochs: int
+    cfg: SchedConfig, optimizer: torch.optim.Optimizer, lr: float, epoch_steps: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.build(cfg, lr, steps_per_epoch, epochs))
+    """The learning rate factor of every optimizer step; `epoch_steps` are the optimizer steps of each epoch
+    (they differ when `trainer.accumulate` changes by epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.build(cfg, lr, epoch_steps))
