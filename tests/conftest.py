@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+from vitexp.engine import Trainer
 from vitexp.groups import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +61,24 @@ def make_cfg() -> Callable[..., DictConfig]:
             return compose("config", overrides=list(overrides), return_hydra_config=False)
 
     return _compose
+
+
+@pytest.fixture
+def stop_once_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """`stop_once_at(step)`: the next run stops after optimizer step `step`, as a preemption signal makes it
+    (checkpoint, return {}); the runs after it go on undisturbed."""
+
+    def arm(step: int) -> None:
+        original, stopped = Trainer.optimizer_step, {"done": False}
+
+        def step_then_stop(self: Trainer, finite) -> None:
+            original(self, finite)
+            if self.progress.step == step and not stopped["done"]:
+                stopped["done"] = self.stop_requested = True
+
+        monkeypatch.setattr(Trainer, "optimizer_step", step_then_stop)
+
+    return arm
 
 
 def cluster_answers() -> bool:

@@ -1,8 +1,11 @@
-"""Weight averages: the EMA's maths step by step, a skipped step leaving it alone, its figures, exact resume."""
+"""Weight averages: the EMA's maths step by step, a skipped step leaving it alone; SWA's mean and learning rate;
+their figures and exact resume."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import TINY
-from vitexp import checkpoint, engine, run
-from vitexp.averaging import EMA
+from vitexp import checkpoint, run
+from vitexp.averaging import EMA, SWA, averaging_hooks
 from vitexp.config import ConfigError, config_hash, validate
 from vitexp.engine import Hook, Trainer
 from vitexp.logger import read_jsonl
-from vitexp.models import VisionTransformer
+from vitexp.models import VisionTransformer, build_model
 from vitexp.run import RunIdentity
 
 BASE = [*TINY, "data=digits", "trainer.epochs=2", "data.batch_size=128", "sched.warmup_epochs=0.5"]
@@ -62,7 +65,7 @@ def test_the_ema_follows_its_recurrence_and_ignores_a_skipped_step(make_cfg, tmp
         assert torch.allclose(mine, theirs, atol=1e-6)
 
 
-def test_an_ema_run_reports_and_resumes_exactly(make_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_an_ema_run_reports_and_resumes_exactly(make_cfg, tmp_path: Path, stop_once_at) -> None:
     overrides = [*BASE, "aug=cutmix", "trainer.ema_decay=0.8"]
     straight = run.run(make_cfg(*overrides), tmp_path / "straight", RunIdentity({}))
     rows = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
@@ -73,14 +76,7 @@ def test_an_ema_run_reports_and_resumes_exactly(make_cfg, tmp_path: Path, monkey
     saved = checkpoint.load(tmp_path / "straight" / "best_ema.pt")
     assert saved["epoch"] == best + 1 and saved["val"]["acc"] == rows[best]["val_ema/acc"]
 
-    original, stopped = engine.Trainer.optimizer_step, {"done": False}
-
-    def stop_after_three_steps(self, finite):
-        original(self, finite)
-        if self.progress.step == 3 and not stopped["done"]:
-            stopped["done"] = self.stop_requested = True
-
-    monkeypatch.setattr(engine.Trainer, "optimizer_step", stop_after_three_steps)
+    stop_once_at(3)
     assert run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({})) == {}
     resumed = run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({}))
     assert resumed["test_ema"] == straight["test_ema"] and resumed["test"] == straight["test"]
@@ -100,3 +96,71 @@ def test_no_ema_unless_asked_and_the_decay_is_checked(make_cfg, tmp_path: Path) 
     before = json.loads(json.dumps(config))
     del before["trainer"]["ema_decay"], before["trainer"]["ema_warmup"]
     assert config_hash(before) == config_hash(config)  # runs made before the EMA existed still resume
+
+
+class EpochSnapshots(Hook):
+    """The trained weights at the end of every epoch, and the learning rate of every step."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, list[torch.Tensor]] = {}
+        self.lrs: list[float] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the next step's, set by the schedule
+
+    def after_epoch(self, trainer: Trainer, row: dict) -> None:
+        self.weights[row["epoch"]] = [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_swa_averages_the_epochs_from_its_start_and_anneals_the_learning_rate(make_cfg, tmp_path: Path) -> None:
+    overrides = [*BASE, "trainer.epochs=4", "trainer.swa_start=2", "trainer.swa_lr=2e-4", "trainer.swa_anneal_epochs=2"]
+    cfg = make_cfg(*overrides, "optim.lr=1e-3", "sched=none")
+    snapshots, typed = EpochSnapshots(), validate(cfg)
+    [swa] = averaging_hooks(typed)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(typed, tmp_path, config, {}, hooks=[snapshots, swa])
+    results = trainer.fit()
+    assert isinstance(swa, SWA) and swa.averaged is not None and swa.snapshots == 3 == results["swa_epochs"]
+    for averaged, *taken in zip(
+        swa.averaged.module.parameters(), *(snapshots.weights[e] for e in (2, 3, 4)), strict=True
+    ):
+        torch.testing.assert_close(averaged, torch.stack(taken).mean(0), atol=1e-7, rtol=1e-6)
+    saved = checkpoint.load(tmp_path / "swa.pt")["model"]
+    assert all(torch.equal(saved[k], v) for k, v in swa.averaged.module.state_dict().items())
+    # 10 steps an epoch: 1e-3 for the first; then a cosine over 20 steps down to 2e-4, which it keeps
+    assert snapshots.lrs[:9] == pytest.approx([1e-3] * 9)
+    anneal = [2e-4 + (1e-3 - 2e-4) * (1 + math.cos(math.pi * k / 20)) / 2 for k in range(1, 21)]
+    assert snapshots.lrs[9:29] == pytest.approx(anneal) and snapshots.lrs[29:] == pytest.approx([2e-4] * 11)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert ["val_swa/acc" in row for row in rows] == [False, True, True, True]
+    assert [row.get("swa_epochs") for row in rows] == [None, 1, 2, 3]
+    assert set(results["test_swa"]) == set(results["test"])
+
+
+def test_swa_recomputes_batchnorm_statistics_and_resumes_exactly(make_cfg, tmp_path: Path, stop_once_at) -> None:
+    overrides = [
+        *[key for key in BASE if not key.startswith("model.")],
+        "model=resnet18",
+        "trainer.epochs=3",
+        "trainer.swa_start=2",
+        "trainer.swa_lr=5e-4",
+        "data.batch_size=256",
+    ]
+    straight = run.run(make_cfg(*overrides), tmp_path / "straight", RunIdentity({}))
+    averaged = checkpoint.load(tmp_path / "straight" / "swa.pt")["model"]
+    last = checkpoint.load(tmp_path / "straight" / "last.pt")
+    model = build_model(validate(make_cfg(*overrides)).model, 10, 16)
+    model.load_state_dict(averaged)  # BN statistics of the average over the training images, as evaluation sees them
+    trainer = Trainer(validate(make_cfg(*overrides)), tmp_path / "scratch", {}, {})
+    fresh = copy.deepcopy(model)
+    images = (trainer.prepare_eval(batch) for batch, _ in trainer.feed.eval("train"))
+    torch.optim.swa_utils.update_bn(images, fresh)
+    assert torch.allclose(averaged["bn1.running_mean"], fresh.state_dict()["bn1.running_mean"], atol=1e-6)
+    assert not torch.allclose(averaged["bn1.running_mean"], last["model"]["bn1.running_mean"])
+
+    stop_once_at(12)
+    assert run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({})) == {}
+    resumed = run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({}))
+    assert resumed["test_swa"] == straight["test_swa"] and resumed["swa_epochs"] == 2
+    again = checkpoint.load(tmp_path / "resumed" / "swa.pt")["model"]
+    assert all(torch.equal(again[key], value) for key, value in averaged.items())

@@ -14,12 +14,12 @@ LAYERS = [
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
-    {"averaging"},  # weight averages that train along (engine hooks)
+    {"averaging", "stopping"},  # engine hooks: weight averages that train along; early stopping
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
     {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
-    {"sweep", "bench_trainer", "bench"},
+    {"sweep", "bench_trainer", "bench", "lr_find"},  # grid checks; benchmarks; the learning-rate range test
 ]
 TOP = "__init__"
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO
@@ -195,3 +196,23 @@ def test_a_sweep_with_weight_averaging_reports_the_average_beside_the_weights(tm
     fake_job(tmp_path / "plain", 0, ["aug=none"], 0.8)
     plain = write_report(tmp_path / "plain", sweep_jobs(tmp_path / "plain", None), DEFAULTS)
     assert "EMA" not in plain.markdown.read_text() and "test_ema_acc_mean" not in report_rows(tmp_path / "plain")[0]
+
+
+def test_a_sweep_reports_swa_the_epochs_jobs_stopped_at_and_selection_on_test(tmp_path: Path) -> None:
+    extra = {
+        ("none", 0): {"test_swa": {"acc": 0.81}, "stopped_epoch": 4, "selected_on_test": False},
+        ("none", 1): {"test_swa": {"acc": 0.85}, "stopped_epoch": None, "selected_on_test": False},
+        ("cutmix", 0): {"test_swa": {"acc": 0.72}, "stopped_epoch": 6, "selected_on_test": True},
+    }
+    for number, ((aug, seed), added) in enumerate(extra.items()):
+        fake_job(tmp_path, number, [f"aug={aug}", f"seed={seed}", "trainer.swa_start=2"], 0.8)
+        results_path = tmp_path / str(number) / "results.json"
+        results_path.write_text(json.dumps(json.loads(results_path.read_text()) | added))
+    report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
+    rows = {row["aug"]: row for row in report_rows(tmp_path)}
+    assert float(rows["none"]["test_swa_acc_mean"]) == pytest.approx(0.83) and rows["none"]["stopped_epochs"] == "4, —"
+    assert rows["cutmix"]["stopped_epochs"] == "6" and rows["cutmix"]["selected_on_test"] == "True"
+    assert rows["none"]["selected_on_test"] == "False" and "test_ema_acc_mean" not in rows["none"]
+    text = report.markdown.read_text()
+    assert "| NLL | SWA test acc | stopped at epoch | epoch time (s) |" in text and "| 83.00 ± 2.83 | 4, — |" in text
+    assert "**Selected on the test split**" in text and text.count("aug=cutmix") == 1

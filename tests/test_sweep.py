@@ -129,3 +129,20 @@ def test_relaunch_with_a_changed_config_is_refused(tmp_path: Path) -> None:
     result = sweep(tmp_path / "sweep", "aug=none", "smoothing=0.3")
     assert result.returncode == 2
     assert f"{tmp_path / 'sweep' / '0'} holds a run of another config (smoothing: 0.0 -> 0.3)" in result.stderr
+
+
+def test_a_digits_sweep_with_averages_and_early_stopping_reports_them(tmp_path: Path) -> None:
+    """EMA and SWA on every job; early stopping on one, told that only a gain of 1.0 in accuracy counts."""
+    techniques = ["trainer.epochs=4", "trainer.ema_decay=0.9", "trainer.swa_start=2", "trainer.early_stop_min_delta=1"]
+    result = sweep(tmp_path / "sweep", *techniques, "trainer.early_stop_patience=0,2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = job_results(tmp_path / "sweep")
+    assert "stopped_epoch" not in results[0]  # no early stopping asked
+    assert results[1]["stopped_epoch"] == 3 and results[1]["swa_epochs"] == 2 and results[0]["swa_epochs"] == 3
+    rows = {row["trainer.early_stop_patience"]: row for row in report_rows(tmp_path / "sweep")}
+    assert rows["2"]["stopped_epochs"] == "3" and rows["0"]["stopped_epochs"] == "—"
+    for key, number in (("test_ema", 1), ("test_swa", 1), ("test_swa", 0)):
+        assert float(rows[str(number * 2)][f"{key}_acc_mean"]) == results[number][key]["acc"]
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| EMA test acc | SWA test acc | stopped at epoch |" in report
+    assert f"| {100 * results[1]['test_swa']['acc']:.2f} ± 0.00 | 3 |" in report

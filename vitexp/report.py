@@ -43,6 +43,8 @@ from vitexp.jobs import Job, expected_jobs, sweep_jobs
 from vitexp.report_plots import plot
 
 METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("loss", "NLL"))
+# The test accuracy of weight averages (`trainer.ema_decay`, `trainer.swa_start`): (column, results key)
+AVERAGES = (("EMA test acc", "test_ema"), ("SWA test acc", "test_swa"))
 
 
 def fmt(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -71,8 +73,11 @@ class Report:
     def columns(self) -> list[str]:
         keys = [*CLASSIC, *(key for key in self.layout.varying if key not in CLASSIC)]
         metrics = [f"test_{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")]
-        ema = ["test_ema_acc_mean", "test_ema_acc_std"] if has_ema(self.cells) else []
-        return [*keys, "seeds_done", "jobs", *metrics, *ema, "params", "epoch_time_s", "data_wait", "status"]
+        averages = [f"{key}_acc_{stat}" for _, key in averages_in(self.cells) for stat in ("mean", "std")]
+        extra = [*(["stopped_epochs"] if stopped_early(self.cells) else [])]
+        extra += ["selected_on_test"] if selected_on_test(self.cells) else []
+        fixed = ["params", "epoch_time_s", "data_wait", "status"]
+        return [*keys, "seeds_done", "jobs", *metrics, *averages, *extra, *fixed]
 
     def table_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -81,7 +86,10 @@ class Report:
             row["seeds_done"], row["jobs"] = len(cell.results), len(cell.jobs)
             for key, _ in METRICS:
                 row[f"test_{key}_mean"], row[f"test_{key}_std"] = cell.mean_std(cell.values(key))
-            row["test_ema_acc_mean"], row["test_ema_acc_std"] = cell.mean_std(ema_accuracies(cell))
+            for _, key in AVERAGES:
+                row[f"{key}_acc_mean"], row[f"{key}_acc_std"] = cell.mean_std(average_accuracies(cell, key))
+            row["stopped_epochs"] = stop_epochs(cell)
+            row["selected_on_test"] = any(result.get("selected_on_test") for result in cell.results)
             row["params"] = cell.results[0]["params"] if cell.results else None
             row["epoch_time_s"] = cell.mean_result("epoch_time_s")
             row["data_wait"] = cell.mean_result("data_wait")
@@ -90,19 +98,34 @@ class Report:
         return rows
 
 
-def has_ema(cells: list[Cell]) -> bool:
-    """Whether any job averaged its weights (`trainer.ema_decay`): then the report shows the average's test."""
-    return any("test_ema" in result for cell in cells for result in cell.results)
+def averages_in(cells: list[Cell]) -> list[tuple[str, str]]:
+    """The weight averages some job tested (`AVERAGES`): the report shows their test accuracy beside the run's."""
+    return [(name, key) for name, key in AVERAGES if any(key in r for cell in cells for r in cell.results)]
 
 
-def ema_accuracies(cell: Cell) -> list[float]:
-    return [result["test_ema"]["acc"] for result in cell.results if "test_ema" in result]
+def average_accuracies(cell: Cell, key: str) -> list[float]:
+    return [result[key]["acc"] for result in cell.results if key in result]
+
+
+def stopped_early(cells: list[Cell]) -> bool:
+    """Whether any job ran with early stopping (it records `stopped_epoch`, None when it never stopped)."""
+    return any("stopped_epoch" in result for cell in cells for result in cell.results)
+
+
+def stop_epochs(cell: Cell) -> str:
+    """The epoch each finished job of the cell stopped at, "—" for one that ran all its epochs."""
+    return ", ".join("—" if r.get("stopped_epoch") is None else str(r["stopped_epoch"]) for r in cell.results)
+
+
+def selected_on_test(cells: list[Cell]) -> bool:
+    """Whether any job chose its best epoch on the test split (`data.val_fraction=0`)."""
+    return any(result.get("selected_on_test") for cell in cells for result in cell.results)
 
 
 def markdown(layout: Layout, cells: list[Cell]) -> str:
-    columns, ema = layout.columns, has_ema(cells)
-    names = [*columns, "params", *(name for _, name in METRICS), *(["EMA test acc"] if ema else [])]
-    names += ["epoch time (s)", "data wait", "seeds"]
+    columns, averages, stopping = layout.columns, averages_in(cells), stopped_early(cells)
+    names = [*columns, "params", *(name for _, name in METRICS), *(name for name, _ in averages)]
+    names += [*(["stopped at epoch"] if stopping else []), "epoch time (s)", "data wait", "seeds"]
     lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
     for cell in cells:
         metrics = [
@@ -115,13 +138,22 @@ def markdown(layout: Layout, cells: list[Cell]) -> str:
             *(show(cell.setting[key]) for key in columns),
             params,
             *metrics,
-            *([fmt(*cell.mean_std(ema_accuracies(cell)), scale=100)] if ema else []),
+            *(fmt(*cell.mean_std(average_accuracies(cell, key)), scale=100) for _, key in averages),
+            *([stop_epochs(cell) or "—"] if stopping else []),
             "—" if math.isnan(epoch) else f"{epoch:.1f}",
             "—" if math.isnan(wait) else f"{wait:.0%}",
             cell.status,
         ]
         lines.append("| " + " | ".join(values) + " |")
     out = ["# Sweep report", "", "Test metrics, mean ± std over seeds (accuracy in %).", "", *lines]
+    if selected_on_test(cells):
+        flagged = [", ".join(f"{key}={show(cell.setting[key])}" for key in columns) for cell in cells]
+        chosen = [label or "every job" for label, cell in zip(flagged, cells, strict=True) if selected_on_test([cell])]
+        out += [
+            "",
+            "**Selected on the test split** (`data.val_fraction=0`: the best epoch was chosen on the test images, "
+            f"so their test numbers are optimistic): {'; '.join(chosen)}",
+        ]
     if layout.line:
         out += by_key(cells, layout.line)
     if layout.pivot:

@@ -26,6 +26,7 @@ from vitexp.logger import MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
 from vitexp.rundir import RunConflictError, RunDir
 from vitexp.splits import DataError
+from vitexp.stopping import stopping_hooks
 
 log = logging.getLogger("vitexp")
 
@@ -73,7 +74,7 @@ def _train(
     stop: StopSignals | None,
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    hooks = averaging_hooks(typed)
+    hooks = [*averaging_hooks(typed), *stopping_hooks(typed)]
     trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
