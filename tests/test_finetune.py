@@ -14,7 +14,15 @@ from torch import nn
 from tests.conftest import TINY
 from vitexp import checkpoint, run
 from vitexp.config import ConfigError, validate
-from vitexp.models import ResNetConfig, ViTConfig, build_model, count_parameters, freeze_backbone, is_head
+from vitexp.models import (
+    CNNConfig,
+    ResNetConfig,
+    ViTConfig,
+    build_model,
+    count_parameters,
+    freeze_backbone,
+    is_head,
+)
 from vitexp.run import RunIdentity
 
 RESNET = ["model=resnet18", *(o for o in TINY if not o.startswith("model.")), "data=digits", "data.batch_size=128"]
@@ -81,8 +89,18 @@ def test_backbone_lr_scale_trains_the_backbone_at_a_fraction_of_the_lr(make_cfg,
             {"code.weight", "code.bias", "head.weight", "head.bias"},
             32 * 16 + 16 + 16 * 10 + 10,
         ),
+        (
+            CNNConfig(freeze="backbone"),
+            {"code.weight", "code.bias", "head.weight", "head.bias"},
+            10 * 10 * 32 * 128 + 128 + 128 * 10 + 10,
+        ),
+        (
+            ResNetConfig(code_size=32, freeze="backbone"),
+            {f"fc.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")},
+            16_746,
+        ),
     ],
-    ids=["resnet18", "vit", "vit-code"],
+    ids=["resnet18", "vit", "vit-code", "cnn", "resnet18-code"],
 )
 def test_only_the_head_is_trainable(model_cfg, head: set[str], trainable: int) -> None:
     model = build_model(model_cfg, num_classes=10, img_size=16)

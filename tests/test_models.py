@@ -1,4 +1,5 @@
-"""The scratch ViT is a real ViT (logit parity with torchvision's), and ResNet-18 is wired correctly."""
+"""The scratch ViT is a real ViT (logit parity with torchvision's), ResNet-18 is wired correctly, seed 001's CNN
+has the seed's size, and every model's embedding is what its classifier reads."""
 
 from __future__ import annotations
 
@@ -22,14 +23,18 @@ from vitexp.groups import register_schemas
 from vitexp.models import (
     MODELS,
     Block,
+    CNNConfig,
+    ConvEncoder,
     PretrainedWeightsError,
     ResNetConfig,
     VisionTransformer,
     ViTConfig,
     build_model,
     count_parameters,
+    embed,
     param_groups,
 )
+from vitexp.resnet_attn import ResNetAttnConfig
 from vitexp.run import RunIdentity
 
 
@@ -322,3 +327,77 @@ def test_vit_range_rules_name_the_key(make_cfg, override: str, message: str) -> 
     assert message in str(info.value)
     typed = validate(make_cfg("model.drop_path=0.1", "model.code_size=128", "model.freeze=backbone"))
     assert (typed.model.drop_path, typed.model.code_size, typed.model.freeze) == (0.1, 128, "backbone")
+
+
+# --- seed 001's CNN ----------------------------------------------------------------------------------------
+def test_the_cnn_has_seed_001s_parameter_count() -> None:
+    """Seed 001's "CNN (light green) ... 2,002,698": 3x3 unpadded convolutions 1->32->32->32 with ReLU on 28 px
+    FMNIST (one channel), flattened 22*22*32 into a 128-wide code, then 10 classes. Our images are RGB: 576 more."""
+    seed = ConvEncoder(28, 10, [32, 32, 32], kernel_size=3, code_size=128, in_channels=1)
+    assert count_parameters(seed) == 2_002_698
+    assert (seed.code.in_features, seed.code.out_features) == (22 * 22 * 32, 128)
+    model = build_model(CNNConfig(), num_classes=10, img_size=28)
+    assert count_parameters(model) == 2_002_698 + 2 * 32 * 3 * 3 == 2_003_274
+    assert [m.kernel_size for m in model.convs if isinstance(m, torch.nn.Conv2d)] == [(3, 3)] * 3
+    assert sum(isinstance(m, torch.nn.ReLU) for m in model.convs) == 3
+    without_code = build_model(CNNConfig(code_size=None, channels=[8, 16]), num_classes=10, img_size=12)
+    assert without_code.code is None and without_code.head.in_features == 16 * 8 * 8
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.channels=[]"], "model.channels=[] is not allowed: expected a non-empty list of integers >= 1"),
+        (["model.channels=[32,0]"], "model.channels=[32, 0] is not allowed: expected a non-empty list"),
+        (["model.kernel_size=0"], "model.kernel_size=0 is not allowed: expected an integer >= 1"),
+        (["model.code_size=0"], "model.code_size=0 is not allowed: expected an integer >= 1, or null"),
+        (["model.kernel_size=5", "data=digits", "data.img_size=12"], "data.img_size=12 is not allowed: expected more"),
+    ],
+)
+def test_cnn_range_rules_name_the_key(make_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(make_cfg("model=cnn", *overrides))
+    assert message in str(info.value)
+    typed = validate(make_cfg("model=cnn", "model.channels=[16,16]", "model.code_size=null"))
+    assert (typed.model.channels, typed.model.code_size, typed.model.kernel_size) == ([16, 16], None, 3)
+
+
+# --- embeddings --------------------------------------------------------------------------------------------
+EMBEDDINGS = {  # config, the classifier of the embedding, its width
+    "vit": (ViTConfig(dim=32, depth=2, heads=2, patch_size=8), lambda m: m.head, 32),
+    "vit-code": (ViTConfig(dim=32, depth=2, heads=2, patch_size=8, code_size=12), lambda m: m.head, 12),
+    "resnet18": (ResNetConfig(), lambda m: m.fc, 512),
+    "resnet18-code": (ResNetConfig(code_size=24), lambda m: m.fc[1], 24),
+    "cnn": (CNNConfig(channels=[8, 8]), lambda m: m.head, 128),
+    "cnn-no-code": (CNNConfig(channels=[8, 8], code_size=None), lambda m: m.head, 8 * 28 * 28),
+    "resnet18_attn": (ResNetAttnConfig(dim=32, heads=4), lambda m: m.head, 32),
+    "resnet18_attn-graph-code": (ResNetAttnConfig(dim=32, attention="graph", code_size=20), lambda m: m.head, 20),
+}
+
+
+@pytest.mark.parametrize("name", list(EMBEDDINGS))
+def test_the_classifier_of_the_embedding_is_the_model(name: str) -> None:
+    """What a probe reads (`embed`) is exactly what the classifier reads: head(embed(x)) is forward(x), bit for bit."""
+    cfg, classifier, width = EMBEDDINGS[name]
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=7, img_size=32).eval()
+    for param in classifier(model).parameters():  # the ViT's classifier starts at zero: make it tell
+        torch.nn.init.normal_(param)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        embedding, logits = embed(model, images), model(images)
+        assert embedding.shape == (3, width) and logits.abs().mean() > 0
+        assert torch.equal(classifier(model)(embedding), logits)
+        assert torch.equal(model.classify(model.embed(images)), logits)
+
+
+def test_every_registered_model_has_an_embedding() -> None:
+    for option in MODELS:
+        model = MODELS.build(option.schema(), num_classes=7, img_size=32).eval()
+        with torch.no_grad():
+            assert embed(model, torch.randn(2, 3, 32, 32)).ndim == 2, option.name
+
+
+def test_a_model_without_an_embedding_is_refused() -> None:
+    with pytest.raises(ConfigError, match="Sequential does not say which of its outputs is its embedding"):
+        embed(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), torch.randn(1, 3, 2, 2))

@@ -1,4 +1,5 @@
-"""The models: a Vision Transformer written here, and torchvision's ResNet-18.
+"""The models: a Vision Transformer written here, torchvision's ResNet-18 and seed 001's small CNN
+(`vitexp.resnet_attn` adds ResNet-18 with an attention block).
 
 Each model option is a schema and a builder registered together in `MODELS`; a new model is one more
 `@MODELS.register(name, Schema)` function (and its `conf/model/<name>.yaml`).
@@ -6,13 +7,15 @@ Each model option is a schema and a builder registered together in `MODELS`; a n
 Fine-tuning (`model.freeze=backbone`, `optim.backbone_lr_scale`) needs to know which parameters are the
 classification head. Only the model knows that, so each model says it itself: a `HeadFinetuning` model
 names its head's child modules in `head_modules`, and the optimizers ask `is_head` rather than guessing
-from parameter names.
+from parameter names. For the same reason each model says what its representation is: `embed(images)` is
+what its classifier reads (the code layer's output where there is one), so a probe fitted on embeddings
+reads the same vector for every model, and `classify(embed(images))` is `forward(images)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +83,14 @@ class HeadFinetuning(nn.Module):
     head_modules: tuple[str, ...] = ()
     backbone_frozen: bool = False
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, width): the representation the classifier reads; the code layer's output if there is one."""
+        raise NotImplementedError(f"{type(self).__name__} does not define embed()")
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The logits of `embed`'s output: `classify(embed(images))` computes `forward(images)`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define classify()")
+
     def train(self, mode: bool = True) -> HeadFinetuning:
         super().train(mode)
         if self.backbone_frozen:
@@ -105,6 +116,12 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
 
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, tokens, tokens): each head's attention softmax(q k^T / sqrt(d_head)), rows summing to 1."""
+        batch, tokens, dim = x.shape
+        q, k, _ = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        return torch.softmax(q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5, dim=-1)
+
 
 class Block(nn.Module):
     """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)).
@@ -113,15 +130,23 @@ class Block(nn.Module):
     scaled by 1 / (1 - drop_path) when kept (stochastic depth, as timm's `DropPath`); the draws come from
     torch's global generator, like dropout's, so a resumed run draws the same. At 0 the branch is an
     `nn.Identity`, which draws nothing: such a model computes exactly what it did before the option existed.
+    `attn` replaces the multi-head attention by another module mapping (batch, tokens, dim) to the same shape.
     """
 
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, dropout: float, eps: float, drop_path: float = 0.0
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        eps: float,
+        drop_path: float = 0.0,
+        attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout) if attn is None else attn
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
@@ -187,14 +212,21 @@ class VisionTransformer(HeadFinetuning):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.zeros_(self.head.weight)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The normed cls token, through the code layer if there is one."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.blocks(self.pos_drop(x + self.pos_embed))
         x = self.norm(x[:, 0])
         if self.code is not None:
             x = self.code(x)
-        return self.head(x)
+        return x
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.head(embedding)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(images))
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -219,31 +251,120 @@ def build_vit(cfg: ViTConfig, num_classes: int, img_size: int) -> nn.Module:
 
 class ResNet18(HeadFinetuning, ResNet):
     """torchvision's ResNet-18 (built as `torchvision.models.resnet18` builds it, the same weights for a
-    seed), whose head is `fc`."""
+    seed), whose head is `fc`: one linear layer, or with a code layer `Sequential(code, classifier)`."""
 
     head_modules = ("fc",)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, 512): the pooled output of the convolutional trunk, as torchvision's forward computes it."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled 512 features, through the code layer (`fc[0]`) if there is one."""
+        x = self.features(images)
+        return self.fc[0](x) if isinstance(self.fc, nn.Sequential) else x
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.fc[1](embedding) if isinstance(self.fc, nn.Sequential) else self.fc(embedding)
+
+
+def load_imagenet_resnet18(model: nn.Module) -> None:
+    """torchvision's ImageNet weights into `model`, a ResNet-18 with 1000 outputs (downloaded once into
+    TORCH_HOME); a `PretrainedWeightsError` saying where to put the file when they cannot be had."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        model.load_state_dict(weights.get_state_dict(progress=False, check_hash=True))
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; no network ends here
+        cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
+        raise PretrainedWeightsError(
+            f"could not load ResNet-18 ImageNet weights ({err}). Without network, download {weights.url} "
+            f"elsewhere and place it at {cache} (or set TORCH_HOME to a directory holding hub/checkpoints/)"
+        ) from err
+
 
 @MODELS.register("resnet18", ResNetConfig)
 def build_resnet18(cfg: ResNetConfig, num_classes: int, img_size: int) -> nn.Module:
     model = ResNet18(num_classes=1000 if cfg.pretrained else num_classes)
     if cfg.pretrained:
-        weights = ResNet18_Weights.IMAGENET1K_V1
-        try:
-            model.load_state_dict(weights.get_state_dict(progress=False, check_hash=True))
-        except (OSError, RuntimeError) as err:  # URLError is an OSError; no network ends here
-            cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
-            raise PretrainedWeightsError(
-                f"could not load ResNet-18 ImageNet weights ({err}). Without network, download {weights.url} "
-                f"elsewhere and place it at {cache} (or set TORCH_HOME to a directory holding hub/checkpoints/)"
-            ) from err
+        load_imagenet_resnet18(model)
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     if cfg.code_size is not None:  # the code layer then the classifier, both the head (`fc`)
         model.fc = nn.Sequential(nn.Linear(model.fc.in_features, cfg.code_size), nn.Linear(cfg.code_size, num_classes))
     return model
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 32, 32])  # output channels of each convolution
+    kernel_size: int = 3  # side of every convolution's kernel (stride 1, no padding)
+    code_size: int | None = 128  # width of the linear code (embedding) layer before the classifier; None: none
+
+    def rules(self) -> Iterator[Rule]:
+        yield from super().rules()
+        yield "channels", len(self.channels) >= 1 and min(self.channels) >= 1, "a non-empty list of integers >= 1"
+        yield "kernel_size", self.kernel_size >= 1, "an integer >= 1"
+        yield "code_size", self.code_size is None or self.code_size >= 1, "an integer >= 1, or null (no code layer)"
+
+    def rules_in(self, config: Config) -> Iterator[Rule]:
+        crop = self.kernel_size - 1
+        shrink = len(self.channels) * crop
+        allowed = f"more than {shrink} pixels (each unpadded convolution takes model.kernel_size-1={crop} off)"
+        yield "data.img_size", config.data.img_size > shrink, allowed
+
+
+class ConvEncoder(HeadFinetuning):
+    """Seed 001's CNN baseline: unpadded stride-1 convolutions each followed by ReLU, flattened, a linear code
+    (embedding) layer, then the classifier (no activation between the two, as the seed's ViT).
+
+    Its flattened width grows with the image: at 28 px the seed's model has 2,002,698 parameters (one input
+    channel; RGB adds 576), at 224 px the code layer alone has 195M. It is a baseline for small images. PyTorch's
+    default initialisation throughout, as the seed's.
+    """
+
+    head_modules = ("code", "head")
+
+    def __init__(
+        self,
+        img_size: int,
+        num_classes: int,
+        channels: list[int],
+        kernel_size: int = 3,
+        code_size: int | None = 128,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        side = img_size - len(channels) * (kernel_size - 1)
+        if side < 1:
+            raise ValueError(f"img_size {img_size} is too small for {len(channels)} convolutions of {kernel_size}")
+        layers: list[nn.Module] = []
+        for width_in, width in zip([in_channels, *channels[:-1]], channels, strict=True):
+            layers += [nn.Conv2d(width_in, width, kernel_size), nn.ReLU()]
+        self.convs = nn.Sequential(*layers, nn.Flatten())
+        flat = channels[-1] * side * side
+        self.code = nn.Linear(flat, code_size) if code_size is not None else None
+        self.head = nn.Linear(code_size or flat, num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The code layer's output, or without one the flattened feature maps."""
+        x = self.convs(images)
+        return self.code(x) if self.code is not None else x
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.head(embedding)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(images))
+
+
+@MODELS.register("cnn", CNNConfig)
+def build_cnn(cfg: CNNConfig, num_classes: int, img_size: int) -> nn.Module:
+    return ConvEncoder(img_size, num_classes, list(cfg.channels), cfg.kernel_size, cfg.code_size)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, img_size: int) -> nn.Module:
@@ -265,6 +386,16 @@ def head_modules(model: nn.Module) -> tuple[str, ...]:
             "that subclasses vitexp.models.HeadFinetuning and sets head_modules"
         )
     return heads
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """`model.embed(images)`: the representation its classifier reads; an error naming the model if it has none."""
+    if not isinstance(model, HeadFinetuning) or type(model).embed is HeadFinetuning.embed:
+        raise ConfigError(
+            f"{type(model).__name__} does not say which of its outputs is its embedding: expected a model that "
+            "subclasses vitexp.models.HeadFinetuning and defines embed() and classify()"
+        )
+    return model.embed(images)
 
 
 def is_head(model: nn.Module, name: str) -> bool:
