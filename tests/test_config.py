@@ -19,18 +19,19 @@ from vitexp.models import ResNetConfig
 
 OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("model", "aug", "data", "optim", "sched", "logger")
+    for group in ("model", "aug", "data", "optim", "sched", "probe", "logger")
 }
 REGISTRY = {registry.group: registry for registry in REGISTRIES}
 
 
 def test_every_group_has_the_options_the_docs_promise() -> None:
-    assert OPTIONS["model"] == ["resnet18", "vit", "vit_small", "vit_tiny"]
+    assert OPTIONS["model"] == ["cnn", "resnet18", "resnet18_attn", "vit", "vit_small", "vit_tiny"]
     assert OPTIONS["aug"] == ["cutmix", "cutout", "mixup", "mixup_cutmix", "none", "random_erasing"]
     assert {"pets", "digits"} <= set(OPTIONS["data"])
     assert OPTIONS["optim"] == ["adam", "adamw", "sgd"]
     assert OPTIONS["sched"] == ["cosine", "none"]
     assert OPTIONS["logger"] == ["none", "tensorboard", "wandb"]
+    assert OPTIONS["probe"] == ["linear", "none", "svc"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
@@ -140,7 +141,7 @@ def test_warmup_longer_than_the_run_is_a_warning(make_cfg) -> None:
         (["+aug.alpha=0.4"], "aug.alpha (only aug=mixup or aug=cutmix has it, e.g. aug=mixup aug.alpha=..."),
         (["+epochs=3"], "epochs (did you mean trainer.epochs?)"),
         (["+lr=0.1"], "lr (did you mean optim.lr?)"),
-        (["+zzz=1"], "zzz (valid keys here: model, aug, data, optim, sched, logger, trainer, seed, smoothing"),
+        (["+zzz=1"], "zzz (valid keys here: model, aug, data, optim, sched, probe, logger, trainer, seed, smoothing"),
         (
             ["+model.depht=2", "+data.sise=3"],
             "keys, nothing would read it: model.depht (did you mean model.depth?); data",

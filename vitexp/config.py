@@ -20,7 +20,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-GROUPS = ("model", "aug", "data", "optim", "sched")  # the groups with one option each in conf/<group>/
+GROUPS = ("model", "aug", "data", "optim", "sched", "probe")  # the groups with one option each in conf/<group>/
 SINK_GROUP = "logger"  # the group of which any number of options are chosen, each under logger.<name>
 
 
@@ -239,6 +239,19 @@ def accumulate_ok(accumulate: Any) -> bool:
 
 
 @dataclass
+class ProbeConfig(GroupConfig):
+    """The schema of every probe option (`vitexp.probes`): a classifier fitted on the model's embeddings."""
+
+    name: str = "none"  # none, svc (scikit-learn's SVC, default parameters) or linear (logistic regression)
+    every: int = 1  # validation epochs between probes (the test is always probed)
+    max_train: int = 2000  # training images embedded to fit it: a seeded subsample, so its cost stays bounded
+
+    def rules(self) -> Iterator[Rule]:
+        yield "every", self.every >= 1, "an integer >= 1"
+        yield "max_train", self.max_train >= 2, "an integer >= 2"
+
+
+@dataclass
 class LoggerConfig(GroupConfig):
     """The base of every logger sink's schema (the sinks live in `vitexp.*_logger` modules)."""
 
@@ -252,6 +265,7 @@ class Config:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
+    probe: ProbeConfig = MISSING
     logger: dict[str, Any] = field(default_factory=dict)  # sink name -> its config; files are always written
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # initial weights, data order and augmentation (not the train/val split: data.split_seed)
@@ -418,6 +432,7 @@ ADDED_KEYS: dict[str, Any] = {
     "model.code_size": None,
     "model.freeze": "none",
     "loss": "ce",
+    "probe": {"name": "none", "every": 1, "max_train": 2000},
 }
 
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision.transforms import v2
 
 from vitexp.config import ConfigError, DataConfig
@@ -179,7 +179,7 @@ class Feed:
     storage order; from tensors on the training device when they fit, through DataLoaders otherwise."""
 
     def __init__(self, splits: Splits, data: DataConfig, device: torch.device, batches_per_epoch: int, seed: int):
-        self.data = data
+        self.data, self.splits, self.pin = data, splits, device.type == "cuda"
         self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed=seed)
         self.resident = keep_on_device(data, splits, free_memory(device))
         if self.resident:
@@ -191,7 +191,7 @@ class Feed:
                     moved[id(dataset)] = DeviceData(dataset, device)
                 self.device_data[name] = moved[id(dataset)]
             return
-        pin = device.type == "cuda"
+        pin = self.pin
         train, sampler = splits.train, self.order
         if data.policy != "none":
             train, sampler = PolicyImages(train, data.policy, data.name), SampleSeeds(self.order)
@@ -210,8 +210,13 @@ class Feed:
             return self.device_data["train"].batches(self.data.batch_size, self.order.indices())
         return self.loaders["train"]
 
-    def eval(self, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `val` or `test`, in storage order."""
+    def eval(self, split: str, indices: torch.Tensor | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `val`, `test` or `train` (its images as evaluation sees them: for BatchNorm statistics
+        and probes) in storage order, or only the images at `indices`."""
         if self.resident:
-            return self.device_data[split].batches(self.data.eval_batch_size)
-        return self.loaders[split]
+            return self.device_data[split].batches(self.data.eval_batch_size, indices)
+        if indices is None and split in ("val", "test"):
+            return self.loaders[split]
+        dataset = getattr(self.splits, split)
+        subset = dataset if indices is None else Subset(dataset, indices.tolist())
+        return make_loader(subset, self.data.eval_batch_size, self.data, None, self.pin)

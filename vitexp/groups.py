@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from vitexp import augment, data, logger, models, optim, tensorboard_logger, wandb_logger  # noqa: F401 (they register)
+from vitexp import (  # noqa: F401 (they register)
+    augment,
+    data,
+    logger,
+    models,
+    optim,
+    probes,
+    resnet_attn,
+    tensorboard_logger,
+    wandb_logger,
+)
 from vitexp.config import Config
 from vitexp.registry import Registry
 
@@ -19,6 +29,7 @@ REGISTRIES: tuple[Registry, ...] = (
     optim.OPTIMIZERS,
     optim.SCHEDULES,
     logger.LOGGERS,
+    probes.PROBES,
 )
 
 
