@@ -61,8 +61,12 @@ def test_tensorboard_alone_and_no_logger_write_the_metrics_files(tmp_path: Path)
         ".hydra",
         ".run.lock",
         "best.pt",
+        "confusion.png",
+        "curves.png",
+        "figures.json",
         "last.pt",
         "metrics.jsonl",
+        "reliability.png",
         "results.json",
         "train.log",
     }

@@ -22,8 +22,10 @@ from vitexp.checkpoint import CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
 from vitexp.engine import NonFiniteError, Trainer
+from vitexp.figures import figure_hooks
 from vitexp.logger import MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
+from vitexp.probing import probe_hooks
 from vitexp.rundir import RunConflictError, RunDir
 from vitexp.splits import DataError
 from vitexp.stopping import stopping_hooks
@@ -74,7 +76,7 @@ def _train(
     stop: StopSignals | None,
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    hooks = [*averaging_hooks(typed), *stopping_hooks(typed)]
+    hooks = [*averaging_hooks(typed), *stopping_hooks(typed), *probe_hooks(typed), *figure_hooks(typed)]
     trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
