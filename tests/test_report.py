@@ -14,6 +14,7 @@ from tests.conftest import REPO
 from tests.sweeps import report_rows
 from vitexp.jobs import BASIC_SWEEPER, expected_jobs, search_space, sweep_jobs
 from vitexp.report import write_report
+from vitexp.report_plots import reliability_bins
 
 DEFAULTS = {"model": "vit", "aug": "none", "smoothing": 0.0}
 
@@ -24,7 +25,7 @@ def fake_job(sweep_dir: Path, number: int, overrides: list[str], acc: float | No
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     if acc is not None:
-        test = {"acc": acc, "acc5": 1.0, "f1": acc - 0.01, "ece": 0.05, "loss": 1 - acc}
+        test = {"acc": acc, "acc5": 1.0, "f1": acc - 0.01, "ece": 0.05, "confidence": acc + 0.05, "loss": 1 - acc}
         results = {"test": test, "params": 15306, "epoch_time_s": 0.5, "data_wait": 0.02}
         (directory / "results.json").write_text(json.dumps(results))
         rows = [{"epoch": epoch, "val/acc": acc * epoch / 2} for epoch in (1, 2)]
@@ -88,7 +89,14 @@ def test_three_varying_keys_get_one_pivot_per_value_of_the_third(tmp_path: Path)
     facet = text[text.index("## ε=0.1:") :].splitlines()
     assert facet[4:6] == ["| 0.001 | 51.00 ± 0.00 | 53.00 ± 0.00 |", "| 0.01 | 55.00 ± 0.00 | 57.00 ± 0.00 |"]
     assert [row["smoothing"] for row in report_rows(tmp_path)] == ["0", "0.1"] * 4
-    assert {path.name for path in report.plots} == {"accuracy_heatmap.png", "ece_vs_smoothing.png", "val_curves.png"}
+    confidence = [round(float(row["test_confidence_mean"]), 6) for row in report_rows(tmp_path)]
+    assert confidence == [round(0.55 + number / 100, 6) for number in range(8)]  # each job's acc + 0.05
+    assert {path.name for path in report.plots} == {
+        "accuracy_heatmap.png",
+        "ece_vs_smoothing.png",
+        "confidence_vs_smoothing.png",
+        "val_curves.png",
+    }
 
 
 def test_one_varying_key_gets_accuracy_against_it(tmp_path: Path) -> None:
@@ -127,7 +135,12 @@ def test_classic_sweep_keeps_its_per_model_pivot_and_plots(tmp_path: Path) -> No
     assert resnet[2:6] == ["| aug | ε=0 | ε=0.1 |", "|---|---|---|", "| cutmix | 84.00 ± 0.00 | 83.00 ± 0.00 |",
                            "| none | 86.00 ± 0.00 | 85.00 ± 0.00 |"]  # fmt: skip
     assert "## vit: test accuracy (%), aug × smoothing" in text
-    assert {path.name for path in report.plots} == {"accuracy_heatmap.png", "ece_vs_smoothing.png", "val_curves.png"}
+    assert {path.name for path in report.plots} == {
+        "accuracy_heatmap.png",
+        "ece_vs_smoothing.png",
+        "confidence_vs_smoothing.png",
+        "val_curves.png",
+    }
 
 
 def test_failed_and_never_started_jobs_show_in_the_status(tmp_path: Path) -> None:
@@ -192,7 +205,7 @@ def test_a_sweep_with_weight_averaging_reports_the_average_beside_the_weights(tm
     rows = {row["aug"]: row for row in report_rows(tmp_path)}
     assert float(rows["none"]["test_ema_acc_mean"]) == 0.83 and float(rows["cutmix"]["test_ema_acc_mean"]) == 0.74
     text = report.markdown.read_text()
-    assert "| test acc | macro F1 | ECE | NLL | EMA test acc |" in text and "| 83.00 ± 0.00 |" in text
+    assert "| test acc | macro F1 | ECE | confidence | NLL | EMA test acc |" in text and "| 83.00 ± 0.00 |" in text
     fake_job(tmp_path / "plain", 0, ["aug=none"], 0.8)
     plain = write_report(tmp_path / "plain", sweep_jobs(tmp_path / "plain", None), DEFAULTS)
     assert "EMA" not in plain.markdown.read_text() and "test_ema_acc_mean" not in report_rows(tmp_path / "plain")[0]
@@ -216,3 +229,60 @@ def test_a_sweep_reports_swa_the_epochs_jobs_stopped_at_and_selection_on_test(tm
     text = report.markdown.read_text()
     assert "| NLL | SWA test acc | stopped at epoch | epoch time (s) |" in text and "| 83.00 ± 2.83 | 4, — |" in text
     assert "**Selected on the test split**" in text and text.count("aug=cutmix") == 1
+
+
+def test_the_seeds_tables_appear_when_their_keys_vary(tmp_path: Path) -> None:
+    jobs = [
+        (["model=resnet18"], {"name": "resnet18", "pretrained": True}, None),
+        (["model=resnet18_attn", "model.attention=classic"], {"name": "resnet18_attn", "attention": "classic"}, 7),
+        (["model=resnet18_attn", "model.attention=graph"], {"name": "resnet18_attn", "attention": "graph"}, None),
+    ]
+    for number, (overrides, model, stopped) in enumerate(jobs):
+        fake_job(tmp_path, number, overrides, 0.7 + number / 10)
+        path = tmp_path / str(number) / "results.json"
+        results = json.loads(path.read_text())
+        results["test"]["acc_svc"] = 0.6 + number / 10
+        added = {
+            "config": {"model": model},
+            "epochs": 10,
+            "stopped_epoch": stopped,
+            "best_val": {"loss": 0.3, "l2": 0.0143},
+        }
+        path.write_text(json.dumps(results | added))
+    report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
+    text = report.markdown.read_text()
+    assert "| validation loss | accuracy (argmax) | accuracy (svc) | model params |" in text
+    assert "| 0.01430 ± 0.00000 | 80.00 ± 0.00 | 70.00 ± 0.00 | 15,306 |" in text  # the l2 it trained, seed 001's way
+    seed_002 = text[text.index("## Seed 002's table") :].splitlines()
+    assert seed_002[4:7] == [
+        "| resnet18 | true | — | 10 | 70.00 ± 0.00 |",
+        "| resnet18_attn | false | classic | 7 | 80.00 ± 0.00 |",
+        "| resnet18_attn | false | graph | 10 | 90.00 ± 0.00 |",
+    ]
+    rows = report_rows(tmp_path)
+    assert [round(float(row["test_acc_svc_mean"]), 6) for row in rows] == [0.6, 0.7, 0.8]
+    assert "| SVC acc |" in text and "linear probe acc" not in text
+
+
+def test_reliability_curves_per_smoothing_pool_the_seeds_bins(tmp_path: Path) -> None:
+    bins = {  # per seed: (confidence, accuracy, count) of two bins
+        0: [(0.55, 0.5, 10), (0.95, 0.8, 30)],
+        1: [(0.65, 0.7, 30), (0.95, 1.0, 10)],
+    }
+    number = 0
+    for aug in ("none", "cutmix"):
+        for smoothing in ("0", "0.1"):
+            for seed, seed_bins in bins.items():
+                fake_job(tmp_path, number, [f"aug={aug}", f"smoothing={smoothing}", f"seed={seed}"], 0.8)
+                drawn = [{"confidence": c, "accuracy": a, "count": n} for c, a, n in seed_bins]
+                drawn.insert(1, {"confidence": None, "accuracy": None, "count": 0})
+                figures = {"reliability": {"bins": drawn}}
+                (tmp_path / str(number) / "figures.json").write_text(json.dumps(figures))
+                number += 1
+    report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS, aug="cutmix")
+    assert "reliability_by_smoothing.png" in {path.name for path in report.plots}
+    [cell] = [c for c in report.cells if c.setting["aug"] == "cutmix" and c.setting["smoothing"] == "0.1"]
+    pooled = reliability_bins(cell)
+    assert [b["count"] for b in pooled] == [40, 40]  # bin 0 of both seeds, then bin 2 of both
+    assert pooled[0]["confidence"] == pytest.approx((0.55 * 10 + 0.65 * 30) / 40)
+    assert pooled[1]["accuracy"] == pytest.approx((0.8 * 30 + 1.0 * 10) / 40)

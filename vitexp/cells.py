@@ -36,7 +36,8 @@ class Cell:
     problems: list[str] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
-        return [r["test"][key] for r in self.results]
+        """A test metric of each finished seed that has it (a run of an older version may lack a newer one)."""
+        return [r["test"][key] for r in self.results if key in r["test"]]
 
     def mean_std(self, values: list[float]) -> tuple[float, float]:
         if not values:

@@ -42,9 +42,11 @@ from vitexp.cells import (
 from vitexp.jobs import Job, expected_jobs, sweep_jobs
 from vitexp.report_plots import plot
 
-METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("loss", "NLL"))
+METRICS = (("acc", "test acc"), ("f1", "macro F1"), ("ece", "ECE"), ("confidence", "confidence"), ("loss", "NLL"))
 # The test accuracy of weight averages (`trainer.ema_decay`, `trainer.swa_start`): (column, results key)
 AVERAGES = (("EMA test acc", "test_ema"), ("SWA test acc", "test_swa"))
+# Probes of the embedding (`probe=svc|linear`): (test metric, column)
+PROBE_METRICS = (("acc_svc", "SVC acc"), ("acc_linear", "linear probe acc"))
 
 
 def fmt(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
@@ -74,6 +76,7 @@ class Report:
         keys = [*CLASSIC, *(key for key in self.layout.varying if key not in CLASSIC)]
         metrics = [f"test_{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")]
         averages = [f"{key}_acc_{stat}" for _, key in averages_in(self.cells) for stat in ("mean", "std")]
+        averages += [f"test_{key}_{stat}" for key, _ in probes_in(self.cells) for stat in ("mean", "std")]
         extra = [*(["stopped_epochs"] if stopped_early(self.cells) else [])]
         extra += ["selected_on_test"] if selected_on_test(self.cells) else []
         fixed = ["params", "epoch_time_s", "data_wait", "status"]
@@ -88,6 +91,8 @@ class Report:
                 row[f"test_{key}_mean"], row[f"test_{key}_std"] = cell.mean_std(cell.values(key))
             for _, key in AVERAGES:
                 row[f"{key}_acc_mean"], row[f"{key}_acc_std"] = cell.mean_std(average_accuracies(cell, key))
+            for key, _ in PROBE_METRICS:
+                row[f"test_{key}_mean"], row[f"test_{key}_std"] = cell.mean_std(cell.values(key))
             row["stopped_epochs"] = stop_epochs(cell)
             row["selected_on_test"] = any(result.get("selected_on_test") for result in cell.results)
             row["params"] = cell.results[0]["params"] if cell.results else None
@@ -107,6 +112,11 @@ def average_accuracies(cell: Cell, key: str) -> list[float]:
     return [result[key]["acc"] for result in cell.results if key in result]
 
 
+def probes_in(cells: list[Cell]) -> list[tuple[str, str]]:
+    """The probes some job ran: the report shows their test accuracy beside the classifier's."""
+    return [(key, name) for key, name in PROBE_METRICS if any(cell.values(key) for cell in cells)]
+
+
 def stopped_early(cells: list[Cell]) -> bool:
     """Whether any job ran with early stopping (it records `stopped_epoch`, None when it never stopped)."""
     return any("stopped_epoch" in result for cell in cells for result in cell.results)
@@ -123,8 +133,9 @@ def selected_on_test(cells: list[Cell]) -> bool:
 
 
 def markdown(layout: Layout, cells: list[Cell]) -> str:
-    columns, averages, stopping = layout.columns, averages_in(cells), stopped_early(cells)
+    columns, averages, stopping, probes = layout.columns, averages_in(cells), stopped_early(cells), probes_in(cells)
     names = [*columns, "params", *(name for _, name in METRICS), *(name for name, _ in averages)]
+    names += [name for _, name in probes]
     names += [*(["stopped at epoch"] if stopping else []), "epoch time (s)", "data wait", "seeds"]
     lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
     for cell in cells:
@@ -139,6 +150,7 @@ def markdown(layout: Layout, cells: list[Cell]) -> str:
             params,
             *metrics,
             *(fmt(*cell.mean_std(average_accuracies(cell, key)), scale=100) for _, key in averages),
+            *(fmt(*cell.mean_std(cell.values(key)), scale=100) for key, _ in probes),
             *([stop_epochs(cell) or "—"] if stopping else []),
             "—" if math.isnan(epoch) else f"{epoch:.1f}",
             "—" if math.isnan(wait) else f"{wait:.0%}",
@@ -158,7 +170,48 @@ def markdown(layout: Layout, cells: list[Cell]) -> str:
         out += by_key(cells, layout.line)
     if layout.pivot:
         out += pivots(cells, *layout.pivot)
-    return "\n".join(out) + "\n"
+    return "\n".join(out + seed_tables(layout, cells)) + "\n"
+
+
+SEED_002_KEYS = ("model.pretrained", "model.attention")  # or a sweep with seed 002's model, resnet18_attn
+
+
+def seed_tables(layout: Layout, cells: list[Cell]) -> list[str]:
+    """The tables of the documents vitexp grew from, with their columns: seed 001's when a probe ran (validation
+    loss, argmax and SVC accuracy, parameters), seed 002's when pretraining or attention varies or its model
+    is in the sweep (model, pretrained, attention, epochs, test accuracy)."""
+    out: list[str] = []
+    done = [cell for cell in cells if cell.results]
+    if any(cell.values("acc_svc") for cell in done):
+        out += ["", "## Seed 001's table", "", "| " + " | ".join([*layout.columns, *SEED_001]) + " |"]
+        out.append("|---" * (len(layout.columns) + len(SEED_001)) + "|")
+        for cell in done:
+            trained = [r["best_val"].get("l2", r["best_val"]["loss"]) for r in cell.results]  # the loss it trained
+            values = [fmt(*cell.mean_std(trained), digits=5), accuracy(cell), svc_accuracy(cell)]
+            values.append(f"{cell.results[0]['params']:,}")
+            out.append("| " + " | ".join([*(show(cell.setting[key]) for key in layout.columns), *values]) + " |")
+    attention_model = any(cell.setting.get("model") == "resnet18_attn" for cell in cells)
+    if attention_model or any(key in layout.varying for key in SEED_002_KEYS):
+        out += ["", "## Seed 002's table", "", "| model | pretrained | attention | epochs | test accuracy |"]
+        out.append("|---|---|---|---|---|")
+        for cell in done:
+            model = cell.results[0].get("config", {}).get("model", {"name": cell.setting.get("model", "—")})
+            epochs = [r.get("stopped_epoch") or r["epochs"] for r in cell.results]
+            attention = model.get("attention", "—")
+            shown = [model["name"], str(model.get("pretrained", False)).lower(), attention, show_epochs(epochs)]
+            out.append("| " + " | ".join([*shown, accuracy(cell)]) + " |")
+    return out
+
+
+SEED_001 = ["validation loss", "accuracy (argmax)", "accuracy (svc)", "model params"]
+
+
+def svc_accuracy(cell: Cell) -> str:
+    return fmt(*cell.mean_std(cell.values("acc_svc")), scale=100)
+
+
+def show_epochs(epochs: list[int]) -> str:
+    return str(epochs[0]) if len(set(epochs)) == 1 else ", ".join(map(str, epochs))
 
 
 def by_key(cells: list[Cell], key: str) -> list[str]:
@@ -191,7 +244,7 @@ def pivots(cells: list[Cell], rows: str, cols: str, facet_keys: list[str]) -> li
     return out
 
 
-def write_report(sweep_dir: Path, jobs: list[Job], defaults: dict[str, Any]) -> Report:
+def write_report(sweep_dir: Path, jobs: list[Job], defaults: dict[str, Any], aug: str | None = None) -> Report:
     layout, cells = collect(jobs, defaults)
     report = Report(sweep_dir, cells, sweep_dir / "report.md", sweep_dir / "report.csv", [], layout)
     report.markdown.write_text(markdown(layout, cells))
@@ -199,7 +252,7 @@ def write_report(sweep_dir: Path, jobs: list[Job], defaults: dict[str, Any]) -> 
         writer = csv.DictWriter(file, fieldnames=report.columns())
         writer.writeheader()
         writer.writerows(report.table_rows())
-    report.plots = plot(layout, cells, sweep_dir)
+    report.plots = plot(layout, cells, sweep_dir, aug)
     return report
 
 
@@ -212,12 +265,13 @@ def sweep_defaults(config: DictConfig) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write report.md, report.csv and plots for a sweep directory.")
     parser.add_argument("sweep_dir", type=Path, help="e.g. multirun/2026-11-23/12-00-00")
+    parser.add_argument("--aug", help="the aug whose reliability curves per smoothing to plot (default: the first)")
     args = parser.parse_args()
     config = OmegaConf.load(args.sweep_dir / "multirun.yaml")  # the sweep's config, written when it was launched
     assert isinstance(config, DictConfig)
     with _sweep_configs(config):
         jobs = sweep_jobs(args.sweep_dir, expected_jobs(config.hydra, args.sweep_dir))
-    report = write_report(args.sweep_dir, jobs, sweep_defaults(config))
+    report = write_report(args.sweep_dir, jobs, sweep_defaults(config), args.aug)
     print(report.markdown.read_text())
     print("wrote", report.markdown, report.csv, *report.plots)
 

@@ -1,8 +1,10 @@
-"""The sweep report's plots, chosen by the sweep's `Layout`: accuracy over the swept keys, calibration
-against smoothing, and validation accuracy per epoch. Each function writes one PNG and returns its path."""
+"""The sweep report's plots, chosen by the sweep's `Layout`: accuracy over the swept keys, calibration and
+confidence against smoothing with the reliability curves per smoothing, and validation accuracy per epoch.
+Each function writes one PNG and returns its path."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -13,7 +15,8 @@ from vitexp.cells import MAX_FACETS, Cell, Layout, facets, number, show, sorted_
 AXIS_NAMES = {"smoothing": "label smoothing ε"}
 
 
-def plot(layout: Layout, cells: list[Cell], out_dir: Path) -> list[Path]:
+def plot(layout: Layout, cells: list[Cell], out_dir: Path, aug: str | None = None) -> list[Path]:
+    """The plots the layout calls for; the reliability curves per smoothing are of `aug` (default: the first)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,8 +27,14 @@ def plot(layout: Layout, cells: list[Cell], out_dir: Path) -> list[Path]:
         paths.append(heatmap(cells, *layout.pivot, out_dir / "accuracy_heatmap.png"))
     if layout.line:
         paths.append(accuracy_line(cells, layout.line, out_dir / f"accuracy_vs_{layout.line}.png"))
-    if layout.calibration:
+    if layout.calibration:  # how smoothing moves calibration, and the confidence that moves it
         paths.append(calibration(cells, *layout.calibration, out_dir / "ece_vs_smoothing.png"))
+        paths.append(calibration(cells, *layout.calibration, out_dir / "confidence_vs_smoothing.png", "confidence"))
+        chosen = [c for c in cells if c.setting.get("aug") == (aug or sorted_values(cells, "aug")[0])]
+        if any(reliability_bins(c) for c in chosen):  # the runs drew their figures (figures.json)
+            paths.append(
+                reliability_by_smoothing(chosen, layout.calibration[0], out_dir / "reliability_by_smoothing.png")
+            )
     paths.append(val_curves(cells, layout.columns, out_dir / "val_curves.png"))
     return paths
 
@@ -78,22 +87,63 @@ def accuracy_line(cells: list[Cell], key: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def calibration(cells: list[Cell], panel_keys: list[str], line_keys: list[str], path: Path) -> Path:
-    """Test ECE against label smoothing, a line per combination of `line_keys`, a panel per one of `panel_keys`."""
+CALIBRATION_METRICS = {"ece": ("test ECE", "calibration"), "confidence": ("mean test confidence", "confidence")}
+
+
+def calibration(
+    cells: list[Cell], panel_keys: list[str], line_keys: list[str], path: Path, metric: str = "ece"
+) -> Path:
+    """Test ECE (or mean confidence) against label smoothing, a line per combination of `line_keys`, a panel per
+    one of `panel_keys`."""
+    axis, title = CALIBRATION_METRICS[metric]
     parts = facets(cells, panel_keys)[:MAX_FACETS]
     fig, axes = _panels(len(parts))
     for ax, (label, mine) in zip(axes, parts, strict=True):
         for line, line_cells in facets(mine, line_keys):
             points = sorted(
-                (eps, c.mean_std(c.values("ece"))[0])
+                (eps, c.mean_std(c.values(metric))[0])
                 for c in line_cells
                 if (eps := number(c.setting["smoothing"])) is not None
             )
             ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=line or "all jobs")
-        ax.set(
-            xlabel=AXIS_NAMES["smoothing"], ylabel="test ECE", title=f"{label}: calibration" if label else "calibration"
-        )
+        ax.set(xlabel=AXIS_NAMES["smoothing"], ylabel=axis, title=f"{label}: {title}" if label else title)
         ax.legend()
+    return _save(fig, path)
+
+
+def reliability_bins(cell: Cell) -> list[dict[str, float]]:
+    """The reliability diagram of a cell, its seeds pooled: (confidence, accuracy, count) per non-empty bin,
+    from each finished job's figures.json."""
+    pooled: dict[int, list[float]] = {}
+    for job in cell.jobs:
+        path = job.directory / "figures.json"
+        if not (job.directory / "results.json").exists() or not path.exists():
+            continue
+        for k, b in enumerate(json.loads(path.read_text())["reliability"]["bins"]):
+            if b["count"]:
+                sums = pooled.setdefault(k, [0.0, 0.0, 0.0])
+                sums[0] += b["confidence"] * b["count"]
+                sums[1] += b["accuracy"] * b["count"]
+                sums[2] += b["count"]
+    return [{"confidence": c / n, "accuracy": a / n, "count": n} for _, (c, a, n) in sorted(pooled.items())]
+
+
+def reliability_by_smoothing(cells: list[Cell], panel_keys: list[str], path: Path) -> Path:
+    """Reliability curves of the test predictions, one line per label smoothing ε, a panel per model: smoothing
+    moves the curve from below the diagonal (overconfident) toward or past it."""
+    parts = facets(cells, panel_keys)[:MAX_FACETS]
+    fig, axes = _panels(len(parts))
+    aug = show(cells[0].setting.get("aug", ""))
+    for ax, (label, mine) in zip(axes, parts, strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for value in sorted_values(mine, "smoothing"):
+            for cell in (c for c in mine if c.setting["smoothing"] == value):
+                if bins := reliability_bins(cell):
+                    xs, ys = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+                    ax.plot(xs, ys, marker="o", markersize=3, label=f"ε={show(value)}")
+        title = f"{label}, aug={aug}" if label else f"aug={aug}"
+        ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}: reliability")
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
