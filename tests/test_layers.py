@@ -10,16 +10,16 @@ from tests.conftest import REPO
 LAYERS = [
     {"config", "registry", "checkpoint", "cluster", "metrics", "device", "guard"},  # foundations
     {"splits"},  # what every dataset loader returns and shares
-    {"models", "augment", "pets", "data", "feed"},  # the groups' options; how batches are fed
+    {"models", "resnet_attn", "probes", "augment", "pets", "data", "feed"},  # the groups' options; batches
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
-    {"averaging", "stopping"},  # engine hooks: weight averages that train along; early stopping
+    {"averaging", "stopping", "probing", "figures"},  # engine hooks: averages, early stopping, probe, figures
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
     {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
-    {"sweep", "bench_trainer", "bench", "lr_find"},  # grid checks; benchmarks; the learning-rate range test
+    {"sweep", "bench_trainer", "bench", "lr_find", "explain", "preview"},  # grid checks; benchmarks; tools on runs
 ]
 TOP = "__init__"
 
