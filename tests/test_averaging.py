@@ -80,7 +80,9 @@ def test_an_ema_run_reports_and_resumes_exactly(make_cfg, tmp_path: Path, stop_o
     assert run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({})) == {}
     resumed = run.run(make_cfg(*overrides), tmp_path / "resumed", RunIdentity({}))
     assert resumed["test_ema"] == straight["test_ema"] and resumed["test"] == straight["test"]
-    averages = [checkpoint.load(tmp_path / name / "last.pt")["hooks"][1]["weights"] for name in ("straight", "resumed")]
+    averages = [
+        checkpoint.load(tmp_path / name / "last.pt")["hooks"]["EMA"]["weights"] for name in ("straight", "resumed")
+    ]
     for key in averages[0]:
         assert torch.equal(averages[0][key], averages[1][key]), key
 

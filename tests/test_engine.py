@@ -265,7 +265,8 @@ def test_evaluation_records_no_autograd_history(make_cfg, tmp_path: Path, monkey
 
     monkeypatch.setattr(VisionTransformer, "forward", recording)
     fit(make_cfg, tmp_path / "run")
-    assert len(eval_outputs) == 2 * 1 + 2 and not any(eval_outputs)  # val once per epoch, test twice (2 batches)
+    # val once per epoch, then the test and the figures' pass over it (2 batches each)
+    assert len(eval_outputs) == 2 * 1 + 2 + 2 and not any(eval_outputs)
 
 
 def test_gradient_accumulation_matches_a_large_batch(make_cfg, tmp_path: Path) -> None:
@@ -419,6 +420,9 @@ class CountingHook(Hook):
     def state_dict(self) -> dict:
         return {"steps": self.steps}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
 
 class ConstantModelHook(Hook):
     """Evaluates a model whose logits are all zero (it always predicts class 0) instead of the trained one."""
@@ -445,7 +449,20 @@ def test_hooks_run_at_the_loop_extension_points_and_are_checkpointed(make_cfg, t
     assert hook.steps == 20 and hook.epochs == [1, 2]  # 10 steps an epoch; finished early after epoch 2
     assert [row["epoch"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert results["best_epoch"] in (1, 2)
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["hooks"] == [{}, {"steps": 20}]  # DataWaitWarning, ours
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["hooks"] == {"CountingHook": {"steps": 20}}  # by name
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+
+    class Stateless(Hook):
+        """A hook added on resume (a figure, say): the checkpoint has no state for it, and needs none."""
+
+    again = CountingHook()
+    hooked_trainer(make_cfg, tmp_path / "again", [Stateless(), again]).load_state_dict(state)
+    assert again.steps == 20
+    earlier = CountingHook()  # an earlier version's checkpoint: a list by position, DataWaitWarning's first
+    hooked_trainer(make_cfg, tmp_path / "old", [earlier, Stateless()]).load_state_dict(
+        state | {"hooks": [{}, {"steps": 7}]}
+    )
+    assert earlier.steps == 7
 
 
 def test_a_hook_can_choose_the_weights_that_are_evaluated_saved_and_tested(make_cfg, tmp_path: Path) -> None:

@@ -201,7 +201,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "train_means": self.train_means.state_dict(),
             "augment": self.augment.state_dict(),
-            "hooks": [hook.state_dict() for hook in self.hooks],
+            "hooks": {type(hook).__name__: state for hook in self.hooks if (state := hook.state_dict())},
             "rng": checkpoint.rng_state(),
             "config": self.config,
             "config_hash": self.hash,
@@ -218,8 +218,12 @@ class Trainer:
         self.nonfinite.restore(self.progress.nonfinite_total, self.progress.nonfinite_streak)
         self.train_means.load_state_dict(state["train_means"])
         self.augment.load_state_dict(state["augment"])
-        for hook, hook_state in zip(self.hooks, state.get("hooks", [{}] * len(self.hooks)), strict=True):
-            hook.load_state_dict(hook_state)
+        saved = state.get("hooks", {})
+        if isinstance(saved, list):  # by position, as earlier versions saved them (their hooks come first still)
+            saved = {type(hook).__name__: hook_state for hook, hook_state in zip(self.hooks, saved, strict=False)}
+        for hook in self.hooks:  # by name: a stateless hook added or dropped (a figure, say) never breaks a resume
+            if hook_state := saved.get(type(hook).__name__):
+                hook.load_state_dict(hook_state)
         checkpoint.set_rng_state(state["rng"])
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
