@@ -14,7 +14,7 @@ LAYERS = [
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
     {"optim"},  # builds from models' parameter groups
     {"groups", "engine"},  # every registry; the training loop
-    {"averaging", "stopping", "probing", "figures"},  # engine hooks: averages, early stopping, probe, figures
+    {"averaging", "stopping", "probing", "figures", "samples"},  # engine hooks: averages, stopping, probe, pictures
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states

@@ -1,5 +1,7 @@
 """The augmentation preview shows the batch the first training step trains on, pixel for pixel, titled with the
-classes and λ its soft targets hold; it never overwrites a file and refuses bad keys as train.py does."""
+classes and λ its soft targets hold; it never overwrites a file and refuses bad keys as train.py does. A run asked
+for samples (`logger.wandb.log_samples=true`) draws the same picture as samples.png, once, without changing what
+it trains."""
 
 from __future__ import annotations
 
@@ -13,16 +15,33 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import TINY
+from vitexp import checkpoint, run, samples
 from vitexp.config import ConfigError, validate
 from vitexp.engine import Trainer
-from vitexp.preview import HEADER_PX, Layout, describe, main, parse_args, preview, show_lambda
+from vitexp.preview import main, parse_args, preview
+from vitexp.run import RunIdentity
+from vitexp.samples import HEADER_PX, Layout, Samples, describe, samples_hooks, show_lambda
 
 SMOOTHING = 0.1
 MIXUP = [*TINY, "data=digits", "aug=mixup", "aug.alpha=1.0", f"smoothing={SMOOTHING}", "seed=3", "data.batch_size=32"]
+SAMPLES = ["logger=wandb", "logger.wandb.mode=disabled", "logger.wandb.log_samples=true"]  # no W&B run, samples.png
 
 
 def files_under(root: Path) -> set[str]:
     return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "last.pt")["model"]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 def build_trainer(make_cfg, overrides: list[str], run_dir: Path) -> Trainer:
@@ -141,3 +160,53 @@ def test_bad_overrides_exit_as_train_py_does_and_write_nothing(
         assert named in capsys.readouterr().err
     assert files_under(tmp_path) == set()
     assert parse_args(["preview.n=3", "data=digits"]) == (parse_args(["preview.n=3"])[0], ["data=digits"])
+
+
+def test_a_run_asked_for_samples_draws_the_preview_once_as_samples_png(make_cfg, tmp_path: Path) -> None:
+    results = run.run(make_cfg(*MIXUP, "trainer.epochs=1", *SAMPLES), tmp_path / "run", RunIdentity({}))
+    assert results["test"]["acc"] >= 0
+    shown = preview([*MIXUP, f"preview.out={tmp_path / 'preview.png'}"])  # 8 images of the batch of 32
+    assert (pixels(tmp_path / "run" / "samples.png") == pixels(shown["out"])).all()
+    assert "could not draw" not in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_samples_are_drawn_when_a_chosen_sink_asks(make_cfg) -> None:
+    def hooks(*overrides: str) -> list[type]:
+        return [type(hook) for hook in samples_hooks(validate(make_cfg(*TINY, *overrides)))]
+
+    assert hooks() == [] and hooks("logger=[wandb,tensorboard]") == []  # the key's default: false
+    assert hooks("logger=[tensorboard,wandb]", "logger.wandb.log_samples=true") == [Samples]
+
+
+def test_a_picture_that_fails_is_a_warning_and_changes_nothing_trained(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = run.run(make_cfg(*MIXUP, "trainer.epochs=1"), tmp_path / "plain", RunIdentity({}))
+    assert not (tmp_path / "plain" / "samples.png").exists()
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no titles today")
+
+    monkeypatch.setattr(samples, "describe", broken)  # fails after the batch was drawn and augmented
+    failed = run.run(make_cfg(*MIXUP, "trainer.epochs=1", *SAMPLES), tmp_path / "failed", RunIdentity({}))
+    assert (
+        "could not draw the training samples: RuntimeError: no titles today"
+        in (tmp_path / "failed" / "train.log").read_text()
+    )
+    assert not (tmp_path / "failed" / "samples.png").exists()
+    assert failed["test"] == plain["test"]
+    assert same_weights(trained_weights(tmp_path / "failed"), trained_weights(tmp_path / "plain"))
+
+
+def test_a_resumed_run_draws_nothing_and_resumes_whether_or_not_it_asks_for_samples(
+    make_cfg, tmp_path: Path, stop_once_at
+) -> None:
+    asking, not_asking = make_cfg(*MIXUP, "trainer.epochs=1", *SAMPLES), make_cfg(*MIXUP, "trainer.epochs=1")
+    for first, then, name in ((asking, not_asking, "dropped"), (not_asking, asking, "added")):
+        stop_once_at(3)
+        assert run.run(first, tmp_path / name, RunIdentity({})) == {}
+        drawn = tmp_path / name / "samples.png"
+        assert drawn.exists() == (first is asking)
+        drawn.unlink(missing_ok=True)
+        assert run.run(then, tmp_path / name, RunIdentity({}))["test"]["acc"] >= 0  # logger keys may change
+        assert not drawn.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
+from PIL import Image
 
 from tests.conftest import TINY, run_train
 from tests.wandb_offline import offline_runs, read_offline_run
-from vitexp import engine, run
+from vitexp import checkpoint, engine, run
 from vitexp.engine import NonFiniteError
 from vitexp.models import VisionTransformer
+from vitexp.samples import Layout
 
 RUN = [
     *TINY,
@@ -138,3 +141,29 @@ def test_resumed_run_continues_the_same_wandb_run_and_a_failure_is_recorded(
     first, second = (read_offline_run(folder) for folder in offline_runs(tmp_path / "run"))
     assert first["run_id"] == second["run_id"] == (tmp_path / "run" / "wandb_id").read_text().strip()
     assert [row["epoch"] for row in first["history"] + second["history"]] == [1, 2]
+
+
+def test_log_samples_logs_the_first_training_batch_once_and_trains_the_same_weights(
+    make_cfg, tmp_path: Path, fresh_wandb
+) -> None:
+    identity = run.RunIdentity({"model": "vit", "aug": "cutmix", "data": "digits"})
+    overrides = [*RUN, "trainer.epochs=1", "logger.wandb.mode=offline"]
+    run.run(make_cfg(*overrides, "logger.wandb.log_samples=true"), tmp_path / "samples", identity)
+    run.run(make_cfg(*overrides), tmp_path / "plain", identity)  # the key's default: false
+
+    png = tmp_path / "samples" / "samples.png"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == Layout(8, 16).size  # 8 of the 128 images, 2 rows of 4
+    [folder] = offline_runs(tmp_path / "samples")
+    [logged] = [row for row in read_offline_run(folder)["history"] if "samples._type" in row]
+    assert logged["samples._type"] == "image-file" and logged["_step"] == 0  # before the first step's row
+    assert logged["samples.sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()  # the file itself
+    assert (folder / "files" / logged["samples.path"]).read_bytes() == png.read_bytes()
+
+    assert not (tmp_path / "plain" / "samples.png").exists()
+    [plain] = offline_runs(tmp_path / "plain")
+    assert not any(key.startswith("samples") for row in read_offline_run(plain)["history"] for key in row)
+    # Drawing the batch put back every generator it drew from: the weights are bit-identical.
+    drawn, not_drawn = (checkpoint.load(tmp_path / name / "last.pt")["model"] for name in ("samples", "plain"))
+    assert drawn.keys() == not_drawn.keys()
+    assert all(torch.equal(drawn[key], not_drawn[key]) for key in drawn)

@@ -27,6 +27,7 @@ from vitexp.logger import MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
 from vitexp.probing import probe_hooks
 from vitexp.rundir import RunConflictError, RunDir
+from vitexp.samples import samples_hooks
 from vitexp.splits import DataError
 from vitexp.stopping import stopping_hooks
 
@@ -77,6 +78,7 @@ def _train(
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     hooks = [*averaging_hooks(typed), *stopping_hooks(typed), *probe_hooks(typed), *figure_hooks(typed)]
+    hooks += samples_hooks(typed)
     trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:

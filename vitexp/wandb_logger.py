@@ -34,6 +34,7 @@ class WandbConfig(LoggerConfig):
     tags: list[str] = field(default_factory=list)  # shown and filterable in W&B
     mode: str = "online"  # online falls back to offline when W&B cannot be reached; or offline, disabled
     init_timeout: float = 30.0  # seconds to wait for the server before logging offline
+    log_samples: bool = False  # log samples.png, the first training step's augmented images, once per run
 
     def rules(self) -> Iterator[Rule]:
         yield "mode", self.mode in ("online", "offline", "disabled"), "online, offline or disabled"
