@@ -126,6 +126,8 @@ def epoch_cost(trainer, device: torch.device, steps: int) -> tuple[float, float,
     short, _ = timed_steps(trainer, device, n)  # seconds per step over n steps
     long, wait = timed_steps(trainer, device, 2 * n)  # ... over 2n steps
     step = 2 * long - short  # (2n * long - n * short) / n
+    if step <= 0:  # timing noise larger than a few steps' cost (a loaded machine): the longer epoch's per step
+        step = long
     return step, max(0.0, n * (short - step)), wait
 
 
