@@ -19,7 +19,7 @@ LAYERS = [
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
     {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
-    {"sweep", "bench_trainer", "bench", "lr_find", "explain", "preview"},  # grid checks; benchmarks; tools on runs
+    {"sweep", "bench_trainer", "bench", "cli", "lr_find", "explain", "preview"},  # grid checks; benchmarks; tools
 ]
 TOP = "__init__"
 

@@ -24,9 +24,8 @@ import io
 import json
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from vitexp import checkpoint
 from vitexp.augment import center_crop
 from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError
+from vitexp.cli import parse_tool_args, run_tool
 from vitexp.config import ConfigError, DataConfig, ModelConfig, Rule
 from vitexp.device import select_device
 from vitexp.registry import Registry
@@ -77,48 +77,18 @@ class ExplainConfig:
         yield "window", self.window is None or self.window >= 1, "an integer >= 1, or null (data.img_size // 8)"
 
 
-def _convert(key: str, text: str) -> Any:
-    """`text` as the type of ExplainConfig's `key` (null for the optional ones), or a ConfigError naming it."""
-    optional = {"classes", "out", "window", "data_root"}
-    if key in optional and text in ("null", "None", ""):
-        return None
-    try:
-        if key in ("n", "steps", "window"):
-            return int(text)
-        if key == "overwrite":
-            return {"true": True, "false": False}[text.lower()]
-    except (KeyError, ValueError):
-        what = "true or false" if key == "overwrite" else "an integer"
-        raise ConfigError(f"{PREFIX}{key}={text!r} is not allowed: expected {what}") from None
-    return text
-
-
 def parse_args(argv: Sequence[str]) -> tuple[Path, ExplainConfig]:
     """The run directory and the checked `explain.key=value` items; anything else is a ConfigError naming it."""
-    known = [f.name for f in fields(ExplainConfig)]
-    values: dict[str, Any] = {}
-    run_dirs = []
-    for arg in argv:
-        if not arg.lstrip("+~").startswith(PREFIX):
-            if "=" in arg and not Path(arg).exists():  # a run directory may have "=" in its name
-                raise ConfigError(
-                    f"{arg.split('=')[0]} is not read by explain: it takes a run directory and {PREFIX}KEY=VALUE "
-                    "items (the run's own config comes from its checkpoint)"
-                )
-            run_dirs.append(arg)
-            continue
-        key, has_value, text = arg.lstrip("+~").removeprefix(PREFIX).partition("=")
-        if key not in known or not has_value:
-            valid = ", ".join(PREFIX + name for name in known)
-            raise ConfigError(f"unknown key {PREFIX}{key} (expected {PREFIX}KEY=VALUE; valid keys: {valid})")
-        values[key] = _convert(key, text)
+    cfg, run_dirs = parse_tool_args(argv, PREFIX, ExplainConfig)
+    for arg in run_dirs:
+        if "=" in arg and not Path(arg).exists():  # a run directory may have "=" in its name
+            raise ConfigError(
+                f"{arg.split('=')[0]} is not read by explain: it takes a run directory and {PREFIX}KEY=VALUE "
+                "items (the run's own config comes from its checkpoint)"
+            )
     if len(run_dirs) != 1:
         got = f"got {len(run_dirs)}: {' '.join(run_dirs)}" if run_dirs else "got none"
         raise ConfigError(f"expected one run directory (a train.py output directory holding {BEST_FILE}), {got}")
-    cfg = ExplainConfig(**values)
-    for key, holds, allowed in cfg.rules():
-        if not holds:
-            raise ConfigError(f"{PREFIX}{key}={getattr(cfg, key)!r} is not allowed: expected {allowed}")
     return Path(run_dirs[0]), cfg
 
 
@@ -545,19 +515,7 @@ def explain(argv: Sequence[str]) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: a bad argument or a directory that is no run exits 2 with one `error:` line; a run
     that cannot be read (an unreadable checkpoint, a missing dataset) exits 1, as train.py does."""
-    from vitexp.rundir import LOG_FORMAT
-    from vitexp.splits import DataError
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(args):
-        print(__doc__)
-        return
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        explain(args)
-    except (ConfigError, CheckpointError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)
+    run_tool(explain, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitexp.cli import parse_tool_args, run_tool
 from vitexp.config import Config, ConfigError, validate
 from vitexp.engine import Hook, NonFiniteError, Trainer
 
@@ -58,28 +58,10 @@ class LrFindConfig:
 
 def parse_args(argv: Sequence[str]) -> tuple[LrFindConfig, list[str]]:
     """Split `lr_find.key=value` items (checked into an LrFindConfig) from the overrides for train.py's config."""
-    fields = {f.name: f for f in dataclasses.fields(LrFindConfig)}
-    values: dict[str, Any] = {}
-    rest = []
-    for arg in argv:
-        if not arg.lstrip("+~").startswith(PREFIX):
-            if arg.startswith("hydra."):
-                raise ConfigError(f"{arg.split('=')[0]} is not read by the LR finder: set lr_find.dir for its output")
-            rest.append(arg)
-            continue
-        key, has_value, text = arg.lstrip("+~").removeprefix(PREFIX).partition("=")
-        if key not in fields or not has_value:
-            valid = ", ".join(PREFIX + name for name in fields)
-            raise ConfigError(f"unknown key {PREFIX}{key} (expected {PREFIX}KEY=VALUE; valid keys: {valid})")
-        kind, what = {"float": (float, "a float"), "int": (int, "an integer")}.get(str(fields[key].type), (str, ""))
-        try:
-            values[key] = None if key == "dir" and text in ("null", "") else kind(text)
-        except ValueError:
-            raise ConfigError(f"{PREFIX}{key}={text!r} is not allowed: expected {what}") from None
-    cfg = LrFindConfig(**values)
-    for key, holds, allowed in cfg.rules():
-        if not holds:
-            raise ConfigError(f"{PREFIX}{key}={getattr(cfg, key)!r} is not allowed: expected {allowed}")
+    cfg, rest = parse_tool_args(argv, PREFIX, LrFindConfig)
+    for arg in rest:
+        if arg.startswith("hydra."):
+            raise ConfigError(f"{arg.split('=')[0]} is not read by the LR finder: set lr_find.dir for its output")
     return cfg, rest
 
 
@@ -217,23 +199,7 @@ def find_lr(argv: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: a bad value or output directory exits 2 with one line, as train.py's checks do."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from vitexp.models import PretrainedWeightsError
-    from vitexp.rundir import LOG_FORMAT
-    from vitexp.splits import DataError
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(args):
-        print(__doc__)
-        return
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        find_lr(args)
-    except (ConfigError, HydraException, OmegaConfBaseException, DataError, PretrainedWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)  # 1: Hydra's composition errors, as train.py
+    run_tool(find_lr, __doc__, argv)
 
 
 if __name__ == "__main__":

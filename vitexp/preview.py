@@ -18,9 +18,7 @@ the PNG is written: no run directory, checkpoint or logger.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +27,7 @@ from typing import Any
 
 import torch
 
+from vitexp.cli import parse_tool_args, run_tool
 from vitexp.config import ConfigError
 from vitexp.engine import Trainer
 from vitexp.lr_find import compose_train_config
@@ -52,30 +51,10 @@ class PreviewConfig:
 
 def parse_args(argv: Sequence[str]) -> tuple[PreviewConfig, list[str]]:
     """Split `preview.key=value` items (checked into a PreviewConfig) from the overrides for train.py's config."""
-    fields = {f.name: f for f in dataclasses.fields(PreviewConfig)}
-    values: dict[str, Any] = {}
-    rest = []
-    for arg in argv:
-        if not arg.lstrip("+~").startswith(PREFIX):
-            if arg.startswith("hydra."):
-                raise ConfigError(f"{arg.split('=')[0]} is not read by the preview: set preview.out for its output")
-            rest.append(arg)
-            continue
-        key, has_value, text = arg.lstrip("+~").removeprefix(PREFIX).partition("=")
-        if key not in fields or not has_value:
-            valid = ", ".join(PREFIX + name for name in fields)
-            raise ConfigError(f"unknown key {PREFIX}{key} (expected {PREFIX}KEY=VALUE; valid keys: {valid})")
-        if key == "n":
-            try:
-                values[key] = int(text)
-            except ValueError:
-                raise ConfigError(f"{PREFIX}n={text!r} is not allowed: expected an integer") from None
-        else:
-            values[key] = None if text in ("null", "") else text
-    cfg = PreviewConfig(**values)
-    for key, holds, allowed in cfg.rules():
-        if not holds:
-            raise ConfigError(f"{PREFIX}{key}={getattr(cfg, key)!r} is not allowed: expected {allowed}")
+    cfg, rest = parse_tool_args(argv, PREFIX, PreviewConfig)
+    for arg in rest:
+        if arg.startswith("hydra."):
+            raise ConfigError(f"{arg.split('=')[0]} is not read by the preview: set preview.out for its output")
     return cfg, rest
 
 
@@ -128,23 +107,7 @@ def write_new(images: torch.Tensor, titles: Sequence[str], heading: str, path: P
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: a bad value or an existing output exits 2 with one line, as train.py's checks do."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from vitexp.models import PretrainedWeightsError
-    from vitexp.rundir import LOG_FORMAT
-    from vitexp.splits import DataError
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(args):
-        print(__doc__)
-        return
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        preview(args)
-    except (ConfigError, HydraException, OmegaConfBaseException, DataError, PretrainedWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 1)  # 1: Hydra's composition errors, as train.py
+    run_tool(preview, __doc__, argv)
 
 
 if __name__ == "__main__":
