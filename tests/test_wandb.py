@@ -62,6 +62,14 @@ def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
     assert run["summary"]["test/acc"] == pytest.approx(results["test"]["acc"])
     assert run["summary"]["params"] == results["params"]
+    summary = run["summary"]  # results, not what the run was (that is its config)
+    assert not {"seed", "smoothing", "device", "config_hash"} & set(summary)
+    assert not any(key.startswith(("choices/", "config/")) for key in summary)
+    metrics = run["metrics"]  # the dashboard's summary shows the best epoch so far while a run is going
+    assert metrics["val/acc"] == {"step_metric": "epoch", "summary": ["max"]}
+    assert metrics["val/loss"] == {"step_metric": "epoch", "summary": ["min"]}
+    assert metrics["train/*"]["step_metric"] == "epoch"
+    assert summary["val/acc"] == {"max": max(row["val/acc"] for row in epochs)}  # the best epoch, not the last
 
 
 def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def _key(item: Any) -> str:
 
 
 def _read_once(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "exit_code": None}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "metrics": {}, "exit_code": None}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -69,6 +69,10 @@ def _read_once(path: Path) -> dict[str, Any]:
             out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             out["summary"] |= {_key(i): json.loads(i.value_json) for i in record.summary.update}
+        elif kind == "metric":  # wandb.define_metric: its step metric and summaries, by name or glob
+            metric = record.metric
+            summary = [name for name in ("min", "max", "mean", "last") if getattr(metric.summary, name)]
+            out["metrics"][metric.name or metric.glob_name] = {"step_metric": metric.step_metric, "summary": summary}
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     out["config"].pop("_wandb", None)

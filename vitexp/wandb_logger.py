@@ -22,6 +22,8 @@ from vitexp.logger import LOGGERS, RunIdentity, Sink, flatten
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id"
+SUMMARIES = {"val/acc": "max", "val/loss": "min", "val_ema/acc": "max", "val_swa/acc": "max"}
+NOT_RESULTS = ("config", "config_hash", "choices", "seed", "smoothing", "device")  # what the run was, not results
 NAMED_GROUPS = ("model", "aug", "data")  # shown by option name in W&B's config, beside their full configs
 
 
@@ -88,6 +90,8 @@ class WandbSink(Sink):
         )
         for epoch_metrics in ("train/*", "val/*", "val_ema/*", "val_swa/*"):
             self.run.define_metric(epoch_metrics, step_metric="epoch")
+        for name, best in SUMMARIES.items():  # a running run's summary shows its best epoch's value so far
+            self.run.define_metric(name, step_metric="epoch", summary=best)
 
     def _init(self, **kwargs: Any) -> Any:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # its exit-time telemetry can stall offline runs
@@ -124,8 +128,9 @@ class WandbSink(Sink):
             self.run.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
 
     def log_results(self, results: dict[str, Any]) -> None:
+        """The results into the run summary; what the run was (config, choices, seed) is the run's config."""
         if self.run is not None:
-            self.run.summary.update(flatten(results))
+            self.run.summary.update(flatten({k: v for k, v in results.items() if k not in NOT_RESULTS}))
 
     def log_media(self, tables: Mapping[str, Sequence[dict[str, Any]]], images: Mapping[str, Path]) -> None:
         if self.run is None:
