@@ -196,3 +196,14 @@ def test_the_sweeper_objective_is_the_best_validation_accuracy(tmp_path: Path) -
     results = json.loads((run_dir / "results.json").read_text())
     assert objective == results["best_val"]["acc"] == max(r["val/acc"] for r in read_jsonl(run_dir / "metrics.jsonl"))
     assert objective != results["test"]["acc"]  # the two differ here, so returning the test accuracy would fail
+
+
+def test_keep_last_false_deletes_last_pt_only_once_the_run_has_finished(make_cfg, tmp_path: Path, stop_once_at) -> None:
+    overrides = [*TINY, "data=digits", "data.batch_size=128", "trainer.epochs=2", "trainer.keep_last=false"]
+    stop_once_at(3)
+    assert run.run(make_cfg(*overrides), tmp_path / "run", RunIdentity({})) == {}
+    assert (tmp_path / "run" / "last.pt").exists()  # stopped: the checkpoint it resumes from stays
+    results = run.run(make_cfg(*overrides), tmp_path / "run", RunIdentity({}))
+    assert not (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+    again = run.run(make_cfg(*overrides[:-1]), tmp_path / "run", RunIdentity({}))  # keep_last changes no experiment
+    assert again == results  # finished: not trained again, and nothing is missing for it

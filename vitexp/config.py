@@ -179,6 +179,7 @@ class TrainerConfig(GroupConfig):
     log_every: int = 50  # steps between plain log lines when not on a terminal
     deterministic: bool = False  # deterministic kernels where torch has them (slower; warns where not)
     threads: int | None = None  # CPUs for torch and DataLoader workers; None: SLURM's, the launcher's, or all
+    keep_last: bool = True  # keep last.pt once the run has finished (false: delete it; best.pt stays)
     ema_decay: float = 0.0  # an exponential moving average of the weights, validated and tested too; 0: off
     ema_warmup: bool = False  # timm's EMA warmup: decay min(ema_decay, (1 + step) / (10 + step))
     swa_start: int | None = None  # SWA: the first epoch (1-based) whose weights enter the average; None: off
@@ -409,6 +410,7 @@ VOLATILE_KEYS = (
     "trainer.log_every",
     "trainer.device",
     "trainer.threads",
+    "trainer.keep_last",
 )
 
 

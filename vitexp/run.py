@@ -87,6 +87,9 @@ def _train(
         sinks.finish(exit_code=1)
         raise
     sinks.finish(exit_code=0)
+    if results and not typed.trainer.keep_last:  # finished: results.json exists, nothing will resume from it
+        directory.last.unlink(missing_ok=True)
+        log.info("deleted %s (trainer.keep_last=false)", directory.last)
     return results
 
 
