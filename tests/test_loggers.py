@@ -57,6 +57,7 @@ def test_tensorboard_alone_and_no_logger_write_the_metrics_files(tmp_path: Path)
     assert scalars(tmp_path / "tb" / "tensorboard", "val/acc") == pytest.approx({1: rows[0]["val/acc"]})
     result = run_train(*RUN, "trainer.epochs=1", "logger=none", f"hydra.run.dir={tmp_path / 'none'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].endswith(f"next: python -m vitexp.explain {tmp_path / 'none'}")
     assert {path.name for path in (tmp_path / "none").iterdir()} == {
         ".hydra",
         ".run.lock",

@@ -43,6 +43,8 @@ def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(*RUN, "logger.wandb.mode=offline", "trainer.log_every=4", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    done = f"done: {run_dir / 'results.json'}; next: python -m vitexp.explain {run_dir} ; wandb sync {run_dir}/wandb"
+    assert done in result.stdout  # where the results are and what comes next
     [folder] = offline_runs(run_dir)
     run = read_offline_run(folder)
     assert run["run_id"] == (run_dir / "wandb_id").read_text().strip()

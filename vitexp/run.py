@@ -23,7 +23,7 @@ from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_co
 from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
 from vitexp.engine import NonFiniteError, Trainer
 from vitexp.figures import figure_hooks
-from vitexp.logger import MetricsFileError, RunIdentity, Sinks
+from vitexp.logger import RESULTS_FILE, MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
 from vitexp.probing import probe_hooks
 from vitexp.rundir import RunConflictError, RunDir
@@ -90,7 +90,17 @@ def _train(
     if results and not typed.trainer.keep_last:  # finished: results.json exists, nothing will resume from it
         directory.last.unlink(missing_ok=True)
         log.info("deleted %s (trainer.keep_last=false)", directory.last)
+    if results and identity.sweep_dir is None:  # a sweep's jobs end in its report instead
+        log.info("done: %s; next: %s", directory.path / RESULTS_FILE, next_command(directory.path))
     return results
+
+
+def next_command(run_dir: Path) -> str:
+    """What a user looks at after a run: its predictions explained, and its W&B run uploaded if it ran offline."""
+    commands = [f"python -m vitexp.explain {run_dir}"]
+    if any((run_dir / "wandb").glob("offline-run-*")):
+        commands.append(f"wandb sync {run_dir / 'wandb'}")
+    return " ; ".join(commands)
 
 
 def launcher_cpus() -> int | None:
