@@ -8,9 +8,12 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from vitexp.config import ConfigError
+from vitexp.config import Config, ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"  # train.py's config directory
 
 
 def run_tool(tool: Callable[[list[str]], Any], doc: str | None, argv: Sequence[str] | None = None) -> None:
@@ -74,3 +77,36 @@ def parse_tool_args(argv: Sequence[str], prefix: str, schema: type) -> tuple[Any
         if not holds:
             raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} is not allowed: expected {allowed}")
     return cfg, rest
+
+
+def parse_train_tool_args(
+    argv: Sequence[str], prefix: str, schema: type, reader: str, output_key: str
+) -> tuple[Any, list[str]]:
+    """`parse_tool_args` for a tool that composes train.py's config from the other arguments: a `hydra.*` one is
+    refused (the tool writes where `output_key` says, not in a Hydra run directory)."""
+    cfg, overrides = parse_tool_args(argv, prefix, schema)
+    for arg in overrides:
+        if arg.startswith("hydra."):
+            raise ConfigError(f"{arg.split('=')[0]} is not read by {reader}: set {output_key} for its output")
+    return cfg, overrides
+
+
+def compose_train_config(overrides: list[str]) -> tuple[Config, dict[str, Any], dict[str, str]]:
+    """train.py's config for these overrides, validated as a run would be: (typed, plain dict, group choices)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from vitexp.config import GROUPS
+    from vitexp.groups import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    typed = validate(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    return typed, config, choices

@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitexp.cli import parse_tool_args, run_tool
-from vitexp.config import Config, ConfigError, validate
+from vitexp.cli import compose_train_config, parse_train_tool_args, run_tool
+from vitexp.config import ConfigError
 from vitexp.engine import Hook, NonFiniteError, Trainer
 
 log = logging.getLogger("vitexp")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PREFIX = "lr_find."
 
 
@@ -58,32 +57,7 @@ class LrFindConfig:
 
 def parse_args(argv: Sequence[str]) -> tuple[LrFindConfig, list[str]]:
     """Split `lr_find.key=value` items (checked into an LrFindConfig) from the overrides for train.py's config."""
-    cfg, rest = parse_tool_args(argv, PREFIX, LrFindConfig)
-    for arg in rest:
-        if arg.startswith("hydra."):
-            raise ConfigError(f"{arg.split('=')[0]} is not read by the LR finder: set lr_find.dir for its output")
-    return cfg, rest
-
-
-def compose_train_config(overrides: list[str]) -> tuple[Config, dict[str, Any], dict[str, str]]:
-    """train.py's config for these overrides, validated as a run would be: (typed, plain dict, group choices)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
-
-    from vitexp.config import GROUPS
-    from vitexp.groups import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
-    with open_dict(cfg):
-        del cfg["hydra"]
-    typed = validate(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
-    return typed, config, choices
+    return parse_train_tool_args(argv, PREFIX, LrFindConfig, "the LR finder", "lr_find.dir")
 
 
 class RangeTest(Hook):

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from vitexp.cli import parse_tool_args, run_tool
+from vitexp.cli import compose_train_config, parse_train_tool_args, run_tool
 from vitexp.config import ConfigError
 from vitexp.engine import Trainer
-from vitexp.lr_find import compose_train_config
 from vitexp.samples import DPI, Layout, first_batch, picture
 
 log = logging.getLogger("vitexp")
@@ -51,11 +50,7 @@ class PreviewConfig:
 
 def parse_args(argv: Sequence[str]) -> tuple[PreviewConfig, list[str]]:
     """Split `preview.key=value` items (checked into a PreviewConfig) from the overrides for train.py's config."""
-    cfg, rest = parse_tool_args(argv, PREFIX, PreviewConfig)
-    for arg in rest:
-        if arg.startswith("hydra."):
-            raise ConfigError(f"{arg.split('=')[0]} is not read by the preview: set preview.out for its output")
-    return cfg, rest
+    return parse_train_tool_args(argv, PREFIX, PreviewConfig, "the preview", "preview.out")
 
 
 def output_path(cfg: PreviewConfig) -> Path:
