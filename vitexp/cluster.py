@@ -83,3 +83,8 @@ def resume_command(directory_key: str, directory: Path) -> str:
     time-stamped, so the bare command would start over in a new one."""
     args = [arg for arg in sys.argv if not arg.startswith(f"{directory_key}=")]
     return shlex.join(["python", *args, f"{directory_key}={directory}"])
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (SLURM and taskset restrict it below the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

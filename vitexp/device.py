@@ -85,11 +85,6 @@ def set_cuda_rng_state(states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
-def available_cpus() -> int:
-    """The CPUs this process may run on (SLURM and taskset restrict it below the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @dataclass(frozen=True)
 class ThreadPlan:
     """How a run's CPU budget is split between torch's threads and DataLoader workers.

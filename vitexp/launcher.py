@@ -7,6 +7,11 @@ launchers submit exactly as the plugin does, then wait themselves: a job is fini
 there, and lost when its process (local) or its allocation (SLURM: gone from squeue) is gone without one. A lost
 job gets `failed.json` with the reason that can be known and a NaN result, so the sweep ends, `SweepCallback`
 writes the report, lists the job and exits 1, and the same command resumes the job from its `last.pt`.
+
+Before submitting, the SLURM launcher asks sbatch whether the cluster takes the jobs (`sbatch --test-only` on the
+script submitit would submit). A refusal (no GPUs on the partition, an unknown partition or account, a time limit
+or memory the partition does not have) ends the sweep with nothing submitted and one line that quotes sbatch and
+names the `hydra.launcher` key to change, instead of submitit's FailedJobError traceback.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -28,16 +34,94 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf, open_dict, read_write
 
-from vitexp.device import available_cpus
+from vitexp.cluster import available_cpus
 
 if TYPE_CHECKING:
-    from submitit import Job
+    from submitit import AutoExecutor, Job
+    from submitit.slurm.slurm import SlurmExecutor
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.5
 # a line of a job's log that says how it ended: srun's "task 0: Killed", slurmstepd's "oom-kill event", ...
 END_LINE = re.compile(r"\boom|out of memory|\bkilled\b|\bcancell?ed\b|node.?fail|segmentation fault", re.I)
+NOT_RUN = (124, 127)  # slurm_command's status for a client that timed out or could not be started
+# sbatch's words for a question slurmctld did not answer (down, busy, munge failing): no verdict on the jobs
+UNANSWERED = re.compile(
+    r"unable to contact|timed out|zero bytes|communication|connection|authenticat|credential|temporar", re.I
+)
+SBATCH_PREFIX = re.compile(r"^(sbatch: error: |sbatch: |allocation failure: )")
+
+
+class LauncherKey(NamedTuple):
+    """A `hydra.launcher` key that can make sbatch refuse the jobs."""
+
+    sbatch: str  # submitit's name of the sbatch parameter it sets
+    words: re.Pattern[str]  # what sbatch says when it refuses that parameter
+    advice: str  # how to fix it, `{value}` being the key's value
+
+
+# partition last: a partition other than the one asked for takes most requests that one refuses
+LAUNCHER_KEYS = {
+    "gpus_per_node": LauncherKey(
+        "gpus_per_node",
+        re.compile(r"gres|generic resource|gpu", re.I),
+        "hydra.launcher.gpus_per_node={value} asks for GPUs: set hydra.launcher.gpus_per_node=0 where the partition"
+        " has none, or choose one that has them with hydra.launcher.partition=NAME (`sinfo -o '%P %G'` lists them)",
+    ),
+    "timeout_min": LauncherKey(
+        "time",
+        re.compile(r"time limit|--time", re.I),
+        "set hydra.launcher.timeout_min (now {value}) within the partition's time limit (`sinfo -o '%P %l'`)",
+    ),
+    "mem_gb": LauncherKey(
+        "mem",
+        re.compile(r"memory|\bmem\b", re.I),
+        "set hydra.launcher.mem_gb (now {value}) to at most a node's memory (`sinfo -o '%P %m'`: MB per node)",
+    ),
+    "cpus_per_task": LauncherKey(
+        "cpus_per_task",
+        re.compile(r"processor|cpu", re.I),
+        "set hydra.launcher.cpus_per_task (now {value}) to at most a node's CPUs (`sinfo -o '%P %c'`)",
+    ),
+    "tasks_per_node": LauncherKey(
+        "ntasks_per_node", re.compile(r"task", re.I), "set hydra.launcher.tasks_per_node (now {value}) lower"
+    ),
+    "nodes": LauncherKey(
+        "nodes",
+        re.compile(r"node count", re.I),
+        "set hydra.launcher.nodes (now {value}) to at most the partition's nodes (`sinfo -o '%P %D'`)",
+    ),
+    "constraint": LauncherKey(
+        "constraint",
+        re.compile(r"feature|constraint", re.I),
+        "set hydra.launcher.constraint (now {value}) to features the nodes have (`sinfo -o '%P %f'`), or null",
+    ),
+    "qos": LauncherKey(
+        "qos",
+        re.compile(r"qos", re.I),
+        "set hydra.launcher.qos (now {value}) to one your account may use"
+        " (`sacctmgr -n show assoc user=$USER format=account,qos`), or null",
+    ),
+    "account": LauncherKey(
+        "account",
+        re.compile(r"account|association", re.I),
+        "set hydra.launcher.account (now {value}) to one of yours"
+        " (`sacctmgr -n show assoc user=$USER format=account`), or null for your default",
+    ),
+    "partition": LauncherKey(
+        "partition",
+        re.compile(r"partition", re.I),
+        "set hydra.launcher.partition (now {value}) to one that `sinfo -s` lists, or null for the default",
+    ),
+}
+
+
+class Answer(NamedTuple):
+    """sbatch's answer to `--test-only`: `accepted` is None when sbatch could not be asked, `said` says why."""
+
+    accepted: bool | None
+    said: str
 
 
 class WaitingLauncher(plugin.BaseSubmititLauncher):
@@ -76,6 +160,7 @@ class WaitingLauncher(plugin.BaseSubmititLauncher):
             x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in self.params.items() if x not in init_keys
         }
         executor.update_parameters(**params)
+        self.check_submission(executor, len(job_overrides))
 
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -87,6 +172,10 @@ class WaitingLauncher(plugin.BaseSubmititLauncher):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         return executor.map_array(self, *zip(*job_params, strict=True))
+
+    def check_submission(self, executor: AutoExecutor, count: int) -> None:
+        """Stop the sweep, with nothing submitted, when the cluster would refuse its `count` jobs; the local launcher
+        has nothing to ask."""
 
     def wait_for_jobs(self, jobs: list[Job[Any]], initial_job_idx: int) -> dict[str, str]:
         """Poll until every job has a result or is lost; returns {job id: why it is lost}."""
@@ -187,12 +276,29 @@ class SlurmLauncher(WaitingLauncher, plugin.SlurmLauncher):
 
     squeue lists pending, running and completing jobs, requeued and preempted ones included (as PENDING),
     so only jobs that have ended count. Why a job ended comes from sacct when the cluster keeps accounting,
-    else from slurmctld's memory of recently ended jobs (`scontrol show job`, for MinJobAge seconds).
+    else from slurmctld's memory of recently ended jobs (`scontrol show job`, for MinJobAge seconds). Before
+    submitting, `check_submission` asks sbatch whether the cluster takes the jobs at all.
     """
 
     lost_after_s = 30.0
     squeue_patience_s = 600.0  # squeue failing this long: the jobs are given up as lost rather than awaited forever
     squeue_failing_since: float | None = None
+
+    def check_submission(self, executor: AutoExecutor, count: int) -> None:
+        """Ask sbatch whether it takes the array submitit is about to submit; a refusal ends the sweep (exit 2) with
+        one line instead of the traceback of the FailedJobError that submitting it would raise. When sbatch cannot be
+        asked, the jobs are submitted as they would be without this check."""
+        slurm: SlurmExecutor = executor._executor
+        answer = sbatch_answer(sbatch_script(slurm, count))
+        if answer.accepted is None:
+            log.warning("could not ask sbatch whether it takes these jobs (%s): submitting them unchecked", answer.said)
+        if answer.accepted is not False:
+            return
+        keys = refused_keys(slurm, count, answer.said)
+        print(f"error: nothing was launched: {refusal_text(answer.said, keys, self.params)}", file=sys.stderr)
+        from vitexp.run import EXIT_USAGE  # imported here: it pulls in the whole training code
+
+        sys.exit(EXIT_USAGE)
 
     def gone(self, jobs: list[Job[Any]]) -> set[str]:
         listed = squeue_listed(sorted({job.job_id.split("_")[0] for job in jobs}))
@@ -231,6 +337,51 @@ class SlurmLauncher(WaitingLauncher, plugin.SlurmLauncher):
         )
 
 
+def sbatch_script(slurm: SlurmExecutor, count: int, unset: str | None = None) -> str:
+    """The script submitit submits for `count` jobs (2 or more: one array), with the sbatch parameter `unset` left to
+    the cluster's default."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = {name: value for name, value in slurm.parameters.items() if name != unset}
+    if count > 1:
+        params["map_count"] = count
+    return _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **params)
+
+
+def sbatch_answer(script: str) -> Answer:
+    """Whether sbatch takes `script` (`--test-only`: nothing is submitted), and its messages, one line."""
+    result = slurm_command(["sbatch", "--test-only"], stdin=script)
+    lines = (SBATCH_PREFIX.sub("", line.strip()) for line in (result.stderr + result.stdout).splitlines())
+    said = "; ".join(dict.fromkeys(line for line in lines if line))
+    if result.returncode == 0:
+        return Answer(True, said)
+    if result.returncode in NOT_RUN or not said or UNANSWERED.search(said):
+        return Answer(None, said or f"sbatch exited with status {result.returncode} and said nothing")
+    return Answer(False, said)
+
+
+def refused_keys(slurm: SlurmExecutor, count: int, said: str) -> list[str]:
+    """The `hydra.launcher` keys behind sbatch's refusal `said`: those that sbatch takes the jobs without (each left
+    to the cluster's default in turn), narrowed to those its message names; else those it names."""
+    alone = [
+        key
+        for key, spec in LAUNCHER_KEYS.items()
+        if slurm.parameters.get(spec.sbatch) is not None
+        and sbatch_answer(sbatch_script(slurm, count, unset=spec.sbatch)).accepted
+    ]
+    named = [key for key, spec in LAUNCHER_KEYS.items() if spec.words.search(said)]
+    return [key for key in alone if key in named] or alone or named
+
+
+def refusal_text(said: str, keys: list[str], params: dict[str, Any]) -> str:
+    """One line: sbatch's words, and how to change each of `keys` (else which keys sbatch was given)."""
+    text = f'sbatch refuses the jobs ("{said}"): '
+    if keys:
+        return text + "; or ".join(LAUNCHER_KEYS[key].advice.format(value=params.get(key)) for key in keys)
+    given = ", ".join(f"{key}={params[key]}" for key in LAUNCHER_KEYS if params.get(key) is not None)
+    return text + f"change the hydra.launcher key it is about (given: {given})"
+
+
 def has_result(job: Job[Any]) -> bool:
     """Whether every task of `job` wrote its result pickle (what submitit's `done()` looks for first)."""
     folder = job.paths.folder
@@ -247,12 +398,15 @@ def squeue_listed(array_ids: list[str]) -> set[str] | None:
     return set(result.stdout.split())
 
 
-def slurm_command(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a SLURM client; a missing or hung one is a failed call, never an exception or a hang."""
+def slurm_command(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a SLURM client; a missing or hung one is a failed call (status 127 or 124, as a shell and timeout(1) say),
+    never an exception or a hang."""
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return subprocess.CompletedProcess(args, 1, "", str(err))
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as err:
+        return subprocess.CompletedProcess(args, NOT_RUN[0], "", str(err))
+    except OSError as err:
+        return subprocess.CompletedProcess(args, NOT_RUN[1], "", str(err))
 
 
 def exit_text(exit_code: str) -> str:
