@@ -19,16 +19,26 @@ from vitexp.report_plots import reliability_bins
 DEFAULTS = {"model": "vit", "aug": "none", "smoothing": 0.0}
 
 
-def fake_job(sweep_dir: Path, number: int, overrides: list[str], acc: float | None = None, error: str = "") -> None:
-    """A job directory as a run leaves it: its overrides, and results and metrics when it finished."""
+def fake_job(
+    sweep_dir: Path,
+    number: int,
+    overrides: list[str],
+    acc: float | None = None,
+    error: str = "",
+    val: float | None = None,
+) -> None:
+    """A job directory as a run leaves it: its overrides, and results and metrics when it finished (the best
+    epoch's validation accuracy `val`, the test accuracy when not given)."""
     directory = sweep_dir / str(number)
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     if acc is not None:
+        val = acc if val is None else val
         test = {"acc": acc, "acc5": 1.0, "f1": acc - 0.01, "ece": 0.05, "confidence": acc + 0.05, "loss": 1 - acc}
-        results = {"test": test, "params": 15306, "epoch_time_s": 0.5, "data_wait": 0.02}
+        results = {"test": test, "best_val": {"acc": val, "loss": 1 - val}, "params": 15306, "epoch_time_s": 0.5}
+        results |= {"data_wait": 0.02, "train_img_per_s": 2000.0, "wall_time_s": 1.5, "best_epoch": 2}
         (directory / "results.json").write_text(json.dumps(results))
-        rows = [{"epoch": epoch, "val/acc": acc * epoch / 2} for epoch in (1, 2)]
+        rows = [{"epoch": epoch, "val/acc": val * epoch / 2} for epoch in (1, 2)]
         (directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if error:
         (directory / "failed.json").write_text(json.dumps({"error": error}))
@@ -50,14 +60,14 @@ def test_two_varying_keys_get_a_pivot_and_a_heatmap(tmp_path: Path) -> None:
     report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
 
     text = report.markdown.read_text()
-    assert "| optim.lr | model.depth | params | test acc |" in text
+    assert "| optim.lr | model.depth | params | val acc | test acc |" in text
     assert "## test accuracy (%), optim.lr × model.depth" in text
     pivot = text[text.index("## test accuracy (%), optim.lr × model.depth") :].splitlines()
     assert pivot[2:6] == [  # rows and columns in numeric order, not the order the jobs ran
         "| optim.lr | model.depth=1 | model.depth=2 |",
         "|---|---|---|",
-        "| 0.0003 | 70.00 ± 1.41 | 76.00 ± 1.41 |",
-        "| 0.001 | 80.00 ± 1.41 | 84.00 ± 1.41 |",
+        "| 0.0003 | 70.00 ± 1.41 (n=2) | 76.00 ± 1.41 (n=2) |",
+        "| 0.001 | 80.00 ± 1.41 (n=2) | 84.00 ± 1.41 (n=2) ★ |",  # the best val acc: fake_job's val is its acc
     ]
     rows = report_rows(tmp_path)
     assert list(rows[0])[:5] == ["model", "aug", "smoothing", "optim.lr", "model.depth"]
@@ -87,7 +97,7 @@ def test_three_varying_keys_get_one_pivot_per_value_of_the_third(tmp_path: Path)
     assert "## ε=0: test accuracy (%), optim.lr × model.depth" in text
     assert "## ε=0.1: test accuracy (%), optim.lr × model.depth" in text
     facet = text[text.index("## ε=0.1:") :].splitlines()
-    assert facet[4:6] == ["| 0.001 | 51.00 ± 0.00 | 53.00 ± 0.00 |", "| 0.01 | 55.00 ± 0.00 | 57.00 ± 0.00 |"]
+    assert facet[4:6] == ["| 0.001 | 51.00 (n=1) | 53.00 (n=1) |", "| 0.01 | 55.00 (n=1) | 57.00 (n=1) ★ |"]
     assert [row["smoothing"] for row in report_rows(tmp_path)] == ["0", "0.1"] * 4
     confidence = [round(float(row["test_confidence_mean"]), 6) for row in report_rows(tmp_path)]
     assert confidence == [round(0.55 + number / 100, 6) for number in range(8)]  # each job's acc + 0.05
@@ -107,11 +117,11 @@ def test_one_varying_key_gets_accuracy_against_it(tmp_path: Path) -> None:
     text = report.markdown.read_text()
     section = text[text.index("## test accuracy (%) by optim.lr") :].splitlines()
     assert section[2:] == [
-        "| optim.lr | test acc | seeds |",
-        "|---|---|---|",
-        "| 0.0001 | 70.00 ± 0.00 | 1/1 |",
-        "| 0.001 | 90.00 ± 0.00 | 1/1 |",
-        "| 0.01 | 60.00 ± 0.00 | 1/1 |",
+        "| optim.lr | val acc | test acc | seeds |",
+        "|---|---|---|---|",
+        "| 0.0001 | 70.00 (n=1) | 70.00 (n=1) | 1/1 |",
+        "| 0.001 | **90.00 (n=1)** ★ | 90.00 (n=1) | 1/1 |",
+        "| 0.01 | 60.00 (n=1) | 60.00 (n=1) | 1/1 |",
     ]
     assert [(row["optim.lr"], row["test_acc_mean"]) for row in report_rows(tmp_path)] == [
         ("0.01", "0.6"),
@@ -129,11 +139,15 @@ def test_classic_sweep_keeps_its_per_model_pivot_and_plots(tmp_path: Path) -> No
     report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
 
     text = report.markdown.read_text()
-    assert "| model | aug | smoothing | params | test acc |" in text
-    assert "| resnet18 | cutmix | 0.1 | 15,306 | 83.00 ± 0.00 |" in text
+    assert "| model | aug | smoothing | params | val acc | test acc |" in text
+    assert "| resnet18 | cutmix | 0.1 | 15,306 | 83.00 (n=1) | 83.00 (n=1) |" in text
     resnet = text[text.index("## resnet18: test accuracy (%), aug × smoothing") :].splitlines()
-    assert resnet[2:6] == ["| aug | ε=0 | ε=0.1 |", "|---|---|---|", "| cutmix | 84.00 ± 0.00 | 83.00 ± 0.00 |",
-                           "| none | 86.00 ± 0.00 | 85.00 ± 0.00 |"]  # fmt: skip
+    assert resnet[2:6] == [
+        "| aug | ε=0 | ε=0.1 |",
+        "|---|---|---|",
+        "| none | 86.00 (n=1) | 85.00 (n=1) |",
+        "| cutmix | 84.00 (n=1) | 83.00 (n=1) |",
+    ]  # fmt: skip  (aug=none, the baseline, first)
     assert "## vit: test accuracy (%), aug × smoothing" in text
     assert {path.name for path in report.plots} == {
         "accuracy_heatmap.png",
@@ -163,7 +177,7 @@ def test_failed_and_never_started_jobs_show_in_the_status(tmp_path: Path) -> Non
         ("0.01", "2"): "0/1 (#3 new)",
     }
     text = (tmp_path / "report.md").read_text()
-    assert "| 0.001 | 80.00 ± 0.00 | — |" in text and "0/1 (#1 failed: DataError: no images)" in text
+    assert "| 0.001 | 80.00 (n=1) ★ | — |" in text and "0/1 (#1 failed: DataError: no images)" in text
 
 
 def test_grid_and_directories_merge_by_job_number(tmp_path: Path) -> None:
@@ -205,7 +219,7 @@ def test_a_sweep_with_weight_averaging_reports_the_average_beside_the_weights(tm
     rows = {row["aug"]: row for row in report_rows(tmp_path)}
     assert float(rows["none"]["test_ema_acc_mean"]) == 0.83 and float(rows["cutmix"]["test_ema_acc_mean"]) == 0.74
     text = report.markdown.read_text()
-    assert "| test acc | macro F1 | ECE | confidence | NLL | EMA test acc |" in text and "| 83.00 ± 0.00 |" in text
+    assert "| test acc | macro F1 | ECE | confidence | NLL | EMA test acc |" in text and "| 83.00 (n=1) |" in text
     fake_job(tmp_path / "plain", 0, ["aug=none"], 0.8)
     plain = write_report(tmp_path / "plain", sweep_jobs(tmp_path / "plain", None), DEFAULTS)
     assert "EMA" not in plain.markdown.read_text() and "test_ema_acc_mean" not in report_rows(tmp_path / "plain")[0]
@@ -218,7 +232,8 @@ def test_a_sweep_reports_swa_the_epochs_jobs_stopped_at_and_selection_on_test(tm
         ("cutmix", 0): {"test_swa": {"acc": 0.72}, "stopped_epoch": 6, "selected_on_test": True},
     }
     for number, ((aug, seed), added) in enumerate(extra.items()):
-        fake_job(tmp_path, number, [f"aug={aug}", f"seed={seed}", "trainer.swa_start=2"], 0.8)
+        val = 0.95 if added["selected_on_test"] else None  # the best "validation" accuracy, measured on test
+        fake_job(tmp_path, number, [f"aug={aug}", f"seed={seed}", "trainer.swa_start=2"], 0.8, val=val)
         results_path = tmp_path / str(number) / "results.json"
         results_path.write_text(json.dumps(json.loads(results_path.read_text()) | added))
     report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
@@ -226,8 +241,10 @@ def test_a_sweep_reports_swa_the_epochs_jobs_stopped_at_and_selection_on_test(tm
     assert float(rows["none"]["test_swa_acc_mean"]) == pytest.approx(0.83) and rows["none"]["stopped_epochs"] == "4, —"
     assert rows["cutmix"]["stopped_epochs"] == "6" and rows["cutmix"]["selected_on_test"] == "True"
     assert rows["none"]["selected_on_test"] == "False" and "test_ema_acc_mean" not in rows["none"]
+    assert (rows["none"]["best_by_val"], rows["cutmix"]["best_by_val"]) == ("True", "False")  # no test selection
     text = report.markdown.read_text()
-    assert "| NLL | SWA test acc | stopped at epoch | epoch time (s) |" in text and "| 83.00 ± 2.83 | 4, — |" in text
+    assert "| NLL | SWA test acc | stopped at epoch | epoch time (s) |" in text
+    assert "| 83.00 ± 2.83 (n=2) | 4, — |" in text
     assert "**Selected on the test split**" in text and text.count("aug=cutmix") == 1
 
 
@@ -252,12 +269,12 @@ def test_the_seeds_tables_appear_when_their_keys_vary(tmp_path: Path) -> None:
     report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
     text = report.markdown.read_text()
     assert "| validation loss | accuracy (argmax) | accuracy (svc) | model params |" in text
-    assert "| 0.01430 ± 0.00000 | 80.00 ± 0.00 | 70.00 ± 0.00 | 15,306 |" in text  # the l2 it trained, seed 001's way
+    assert "| 0.01430 (n=1) | 80.00 (n=1) | 70.00 (n=1) | 15,306 |" in text  # the l2 it trained, seed 001's way
     seed_002 = text[text.index("## Seed 002's table") :].splitlines()
     assert seed_002[4:7] == [
-        "| resnet18 | true | — | 10 | 70.00 ± 0.00 |",
-        "| resnet18_attn | false | classic | 7 | 80.00 ± 0.00 |",
-        "| resnet18_attn | false | graph | 10 | 90.00 ± 0.00 |",
+        "| resnet18 | true | — | 10 | 70.00 (n=1) |",
+        "| resnet18_attn | false | classic | 7 | 80.00 (n=1) |",
+        "| resnet18_attn | false | graph | 10 | 90.00 (n=1) |",
     ]
     rows = report_rows(tmp_path)
     assert [round(float(row["test_acc_svc_mean"]), 6) for row in rows] == [0.6, 0.7, 0.8]

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import REPO
 from tests.sweeps import assert_report_means, job_results, logged_epochs, report_rows, sweep, sweep_command
 from tests.wandb_offline import offline_runs, read_offline_run
-from vitexp.device import available_cpus
+from vitexp.cluster import available_cpus
 
 GRID = ["aug=none,cutmix", "seed=0,1"]
 
@@ -145,4 +145,4 @@ def test_a_digits_sweep_with_averages_and_early_stopping_reports_them(tmp_path: 
         assert float(rows[str(number * 2)][f"{key}_acc_mean"]) == results[number][key]["acc"]
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "| EMA test acc | SWA test acc | stopped at epoch |" in report
-    assert f"| {100 * results[1]['test_swa']['acc']:.2f} ± 0.00 | 3 |" in report
+    assert f"| {100 * results[1]['test_swa']['acc']:.2f} (n=1) | 3 |" in report

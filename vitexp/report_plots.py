@@ -1,6 +1,10 @@
 """The sweep report's plots, chosen by the sweep's `Layout`: accuracy over the swept keys, calibration and
 confidence against smoothing with the reliability curves per smoothing, and validation accuracy per epoch.
-Each function writes one PNG and returns its path."""
+
+Each figure is drawn by a function that returns it (so tests can read what it shows) and saved by `plot` as
+PNG, for the report and the logger sinks, and as PDF beside it, for a paper. Every axis and colour bar is
+labelled, spreads are over seeds (error bars, shaded bands), and `aug=none`, the baseline, comes first.
+"""
 
 from __future__ import annotations
 
@@ -10,37 +14,50 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vitexp.cells import MAX_FACETS, Cell, Layout, facets, number, show, sorted_values
+from vitexp.cells import MAX_FACETS, Cell, Layout, best_by_val, facets, number, show, sorted_values
 
 AXIS_NAMES = {"smoothing": "label smoothing ε"}
+DARK_BACKGROUND = 0.179  # relative luminance under which white text contrasts more than black (WCAG)
 
 
 def plot(layout: Layout, cells: list[Cell], out_dir: Path, aug: str | None = None) -> list[Path]:
-    """The plots the layout calls for; the reliability curves per smoothing are of `aug` (default: the first)."""
-    import matplotlib
+    """Save the figures the layout calls for; return the PNGs (a PDF of each is beside it)."""
+    return [save(figure, out_dir, name) for name, figure in figures(layout, cells, aug).items()]
 
-    matplotlib.use("Agg")
+
+def figures(layout: Layout, cells: list[Cell], aug: str | None = None) -> dict[str, Any]:
+    """File name (no suffix) -> figure, for the plots the layout calls for; the reliability curves per
+    smoothing are of `aug` (default: the first, `none` where it ran)."""
     if not cells:  # no job has started: nothing to draw
-        return []
-    paths = []
+        return {}
+    drawn = {}
     if layout.pivot:
-        paths.append(heatmap(cells, *layout.pivot, out_dir / "accuracy_heatmap.png"))
+        drawn["accuracy_heatmap"] = heatmap(cells, *layout.pivot)
     if layout.line:
-        paths.append(accuracy_line(cells, layout.line, out_dir / f"accuracy_vs_{layout.line}.png"))
+        drawn[f"accuracy_vs_{layout.line}"] = accuracy_line(cells, layout.line)
     if layout.calibration:  # how smoothing moves calibration, and the confidence that moves it
-        paths.append(calibration(cells, *layout.calibration, out_dir / "ece_vs_smoothing.png"))
-        paths.append(calibration(cells, *layout.calibration, out_dir / "confidence_vs_smoothing.png", "confidence"))
+        drawn["ece_vs_smoothing"] = calibration(cells, *layout.calibration)
+        drawn["confidence_vs_smoothing"] = calibration(cells, *layout.calibration, "confidence")
         chosen = [c for c in cells if c.setting.get("aug") == (aug or sorted_values(cells, "aug")[0])]
         if any(reliability_bins(c) for c in chosen):  # the runs drew their figures (figures.json)
-            paths.append(
-                reliability_by_smoothing(chosen, layout.calibration[0], out_dir / "reliability_by_smoothing.png")
-            )
-    paths.append(val_curves(cells, layout.columns, out_dir / "val_curves.png"))
-    return paths
+            drawn["reliability_by_smoothing"] = reliability_by_smoothing(chosen, layout.calibration[0])
+    drawn["val_curves"] = val_curves(cells, *layout.curves)
+    return drawn
 
 
-def heatmap(cells: list[Cell], rows: str, cols: str, facet_keys: list[str], path: Path) -> Path:
-    """Mean test accuracy over rows × cols, one panel per combination of the facet keys' values."""
+def text_colour(rgba: tuple[float, ...]) -> str:
+    """Black or white, whichever reads better on a background of this colour (by its relative luminance)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "white" if luminance < DARK_BACKGROUND else "black"
+
+
+def heatmap(cells: list[Cell], rows: str, cols: str, facet_keys: list[str]) -> Any:
+    """Mean test accuracy over rows × cols, one panel per combination of the facet keys' values; the cell
+    selected by validation accuracy is outlined."""
+    from matplotlib.patches import Rectangle
+
+    best = best_by_val(cells)
     parts = facets(cells, facet_keys)[:MAX_FACETS]
     fig, axes = _panels(len(parts))
     for ax, (label, mine) in zip(axes, parts, strict=True):
@@ -61,15 +78,20 @@ def heatmap(cells: list[Cell], rows: str, cols: str, facet_keys: list[str], path
         )
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, "—" if math.isnan(value) else f"{value:.1f}", ha="center", va="center", color="w")
-        fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+                colour = "black" if math.isnan(value) else text_colour(image.cmap(image.norm(value)))
+                shown = "—" if math.isnan(value) else f"{value:.1f}"
+                ax.text(j, i, shown, ha="center", va="center", color=colour)
+        if best is not None and any(c is best for c in mine):
+            i, j = row_values.index(best.setting[rows]), col_values.index(best.setting[cols])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+            ax.set_title(f"{ax.get_title()}\n(red: the best validation accuracy)")
+        fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    return fig
 
 
-def accuracy_line(cells: list[Cell], key: str, path: Path) -> Path:
+def accuracy_line(cells: list[Cell], key: str) -> Any:
     """Mean ± std test accuracy against the one varying key: a numeric axis (log when it spans decades) or names."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     values = sorted_values(cells, key)
     by_value = {cell.setting[key]: cell for cell in cells}
     stats = [by_value[v].mean_std(by_value[v].values("acc")) for v in values]
@@ -84,31 +106,31 @@ def accuracy_line(cells: list[Cell], key: str, path: Path) -> Path:
         ax.set_xticks(xs, [show(v) for v in values])
     name = AXIS_NAMES.get(key, key)
     ax.set(xlabel=name, ylabel="test accuracy (%)", title=f"test accuracy vs {name} (mean ± std over seeds)")
-    return _save(fig, path)
+    return fig
 
 
 CALIBRATION_METRICS = {"ece": ("test ECE", "calibration"), "confidence": ("mean test confidence", "confidence")}
 
 
-def calibration(
-    cells: list[Cell], panel_keys: list[str], line_keys: list[str], path: Path, metric: str = "ece"
-) -> Path:
-    """Test ECE (or mean confidence) against label smoothing, a line per combination of `line_keys`, a panel per
-    one of `panel_keys`."""
+def calibration(cells: list[Cell], panel_keys: list[str], line_keys: list[str], metric: str = "ece") -> Any:
+    """Test ECE (or mean confidence) against label smoothing, mean ± std over seeds as error bars, a line per
+    combination of `line_keys`, a panel per one of `panel_keys`."""
     axis, title = CALIBRATION_METRICS[metric]
     parts = facets(cells, panel_keys)[:MAX_FACETS]
     fig, axes = _panels(len(parts))
     for ax, (label, mine) in zip(axes, parts, strict=True):
         for line, line_cells in facets(mine, line_keys):
             points = sorted(
-                (eps, c.mean_std(c.values(metric))[0])
+                (eps, *c.mean_std(c.values(metric)))
                 for c in line_cells
                 if (eps := number(c.setting["smoothing"])) is not None
             )
-            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=line or "all jobs")
-        ax.set(xlabel=AXIS_NAMES["smoothing"], ylabel=axis, title=f"{label}: {title}" if label else title)
+            xs, means, stds = ([p[k] for p in points] for k in range(3))
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=line or "all jobs")
+        title_text = f"{title} (mean ± std over seeds)"
+        ax.set(xlabel=AXIS_NAMES["smoothing"], ylabel=axis, title=f"{label}: {title_text}" if label else title_text)
         ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def reliability_bins(cell: Cell) -> list[dict[str, float]]:
@@ -128,7 +150,7 @@ def reliability_bins(cell: Cell) -> list[dict[str, float]]:
     return [{"confidence": c / n, "accuracy": a / n, "count": n} for _, (c, a, n) in sorted(pooled.items())]
 
 
-def reliability_by_smoothing(cells: list[Cell], panel_keys: list[str], path: Path) -> Path:
+def reliability_by_smoothing(cells: list[Cell], panel_keys: list[str]) -> Any:
     """Reliability curves of the test predictions, one line per label smoothing ε, a panel per model: smoothing
     moves the curve from below the diagonal (overconfident) toward or past it."""
     parts = facets(cells, panel_keys)[:MAX_FACETS]
@@ -144,41 +166,79 @@ def reliability_by_smoothing(cells: list[Cell], panel_keys: list[str], path: Pat
         title = f"{label}, aug={aug}" if label else f"aug={aug}"
         ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}: reliability")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return fig
 
 
-def val_curves(cells: list[Cell], keys: list[str], path: Path) -> Path:
+def curve_band(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Mean and std over seeds per epoch, of the seeds that reached it (one that stopped early ends sooner)."""
+    epochs = [[curve[i] for curve in curves if i < len(curve)] for i in range(max(map(len, curves)))]
+    return [statistics.fmean(e) for e in epochs], [statistics.stdev(e) if len(e) > 1 else 0.0 for e in epochs]
+
+
+def val_curves(cells: list[Cell], panel_keys: list[str], line_keys: list[str]) -> Any:
+    """Validation accuracy per epoch as small multiples: a panel per combination of `panel_keys` on shared axes,
+    a line per one of `line_keys` (the same colour in every panel), mean over seeds in a band of ± std."""
+    from matplotlib.ticker import MaxNLocator
+
+    parts = facets(cells, panel_keys)[:MAX_FACETS]
+    lines = [label for label, _ in facets(cells, line_keys)]
+    colours = _colours(len(lines))
+    fig, axes = _panels(len(parts), share=True)
+    for ax, (label, mine) in zip(axes, parts, strict=True):
+        for line, line_cells in facets(mine, line_keys):
+            for c in (c for c in line_cells if c.curves):
+                mean, std = curve_band(c.curves)
+                epochs, colour = range(1, len(mean) + 1), colours[lines.index(line)]
+                ax.plot(epochs, [100 * m for m in mean], color=colour, label=line or "all jobs")
+                low, high = ([100 * (m + sign * s) for m, s in zip(mean, std, strict=True)] for sign in (-1, 1))
+                ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=label or "all jobs")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:  # no cell of the panel has finished yet: nothing to label
+            ax.legend(fontsize=7)
+    fig.suptitle("validation accuracy per epoch (mean ± std over seeds)")
+    return fig
+
+
+def _colours(n: int) -> list[Any]:
+    """`n` distinct colours in order: the default cycle, or a sequential map when it has too few."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    return [_pyplot().get_cmap("viridis")(i / (n - 1)) for i in range(n)]
+
+
+def _pyplot() -> Any:
+    """pyplot without a display: the report is written on headless nodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in cells:
-        if c.curves:
-            length = min(len(curve) for curve in c.curves)
-            mean = [statistics.fmean(curve[i] for curve in c.curves) for i in range(length)]
-            ax.plot(range(1, length + 1), mean, label=c.label(keys) or "all jobs")
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per cell (mean over seeds)")
-    if ax.lines:  # no cell has finished yet: nothing to label
-        ax.legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+    return plt
 
 
-def _panels(n: int) -> tuple[Any, list[Any]]:
-    """A figure with `n` panels of 5 × 4 inches, at most four to a row."""
-    import matplotlib.pyplot as plt
-
+def _panels(n: int, share: bool = False) -> tuple[Any, list[Any]]:
+    """A figure with `n` panels of 5 × 4 inches, at most four to a row; `share`: one x and one y axis for all."""
+    plt = _pyplot()
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, grid = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    figsize = (5 * ncols, 4 * nrows)
+    fig, grid = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, sharex=share, sharey=share)
     axes = list(grid.flat)
     for ax in axes[n:]:
         ax.set_axis_off()
     return fig, axes[:n]
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def save(fig: Any, out_dir: Path, name: str) -> Path:
+    """Write the figure as `name`.png and `name`.pdf (fonts embedded as TrueType, editable); return the PNG."""
+    import matplotlib
 
+    plt = _pyplot()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = out_dir / f"{name}.png"
+    fig.savefig(png, dpi=110)
+    with matplotlib.rc_context({"pdf.fonttype": 42}):
+        fig.savefig(out_dir / f"{name}.pdf")
     plt.close(fig)
-    return path
+    return png
