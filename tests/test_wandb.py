@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -15,6 +16,7 @@ from PIL import Image
 from tests.conftest import TINY, run_train
 from tests.wandb_offline import offline_runs, read_offline_run
 from vitexp import checkpoint, engine, run
+from vitexp.config import ConfigError, validate
 from vitexp.engine import NonFiniteError
 from vitexp.models import VisionTransformer
 from vitexp.samples import Layout
@@ -39,16 +41,34 @@ def closed_port() -> int:
         return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
-def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
+def md5_b64(data: bytes) -> str:
+    """A file's digest as W&B's artifact manifests write it."""
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def wandb_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("wandb:")]
+
+
+def test_offline_run_holds_config_history_and_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("WANDB_SILENT", "WANDB_CONSOLE"):  # W&B's output as a user's shell gets it
+        monkeypatch.delenv(key)
     run_dir = tmp_path / "run"
-    result = run_train(*RUN, "logger.wandb.mode=offline", "trainer.log_every=4", f"hydra.run.dir={run_dir}")
+    shown = ["logger.wandb.tags=[mine,digits]", "logger.wandb.notes='a tiny run'", "logger.wandb.log_model=best"]
+    overrides = [*RUN, "logger.wandb.mode=offline", "trainer.log_every=4", *shown]
+    result = run_train(*overrides, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     done = f"done: {run_dir / 'results.json'}; next: python -m vitexp.explain {run_dir} ; wandb sync {run_dir}/wandb"
     assert done in result.stdout  # where the results are and what comes next
+    assert "sched.warmup_epochs=5 >= trainer.epochs=2" in result.stdout  # vitexp's warnings still show
+    assert wandb_lines(result.stdout + result.stderr) == []  # logger.wandb.console=quiet: no W&B header or footer
     [folder] = offline_runs(run_dir)
     run = read_offline_run(folder)
     assert run["run_id"] == (run_dir / "wandb_id").read_text().strip()
     assert (run["project"], run["group"], run["job_type"], run["exit_code"]) == ("vitexp-tests", "g1", "vit", 0)
+    assert run["tags"] == ["mine", "digits", "vit"]  # the shell's first, then data set and model, no repeats
+    assert run["notes"] == "a tiny run"
+    assert run["name"] == ",".join(o for o in overrides if not o.startswith("logger"))  # a single run: all of them
     config = run["config"]
     assert (config["model"], config["aug"], config["data"], config["smoothing"]) == ("vit", "cutmix", "digits", 0.1)
     assert config["model_config"]["dim"] == 32 and config["optim"]["lr"] == 1e-3
@@ -65,13 +85,58 @@ def test_offline_run_holds_config_history_and_summary(tmp_path: Path) -> None:
     assert run["summary"]["test/acc"] == pytest.approx(results["test"]["acc"])
     assert run["summary"]["params"] == results["params"]
     summary = run["summary"]  # results, not what the run was (that is its config)
-    assert not {"seed", "smoothing", "device", "config_hash"} & set(summary)
+    assert not {"seed", "smoothing", "device", "config_hash", "host", "started_at", "finished_at"} & set(summary)
     assert not any(key.startswith(("choices/", "config/")) for key in summary)
     metrics = run["metrics"]  # the dashboard's summary shows the best epoch so far while a run is going
     assert metrics["val/acc"] == {"step_metric": "epoch", "summary": ["max"]}
     assert metrics["val/loss"] == {"step_metric": "epoch", "summary": ["min"]}
     assert metrics["train/*"]["step_metric"] == "epoch"
     assert summary["val/acc"] == {"max": max(row["val/acc"] for row in epochs)}  # the best epoch, not the last
+
+    for name in ("curves", "reliability", "confusion"):  # the run's figures, as image files
+        [logged] = [row for row in run["history"] if f"figures/{name}._type" in row]
+        assert logged[f"figures/{name}._type"] == "image-file"
+        png = (run_dir / f"{name}.png").read_bytes()
+        assert logged[f"figures/{name}.sha256"] == hashlib.sha256(png).hexdigest()
+        assert (folder / "files" / logged[f"figures/{name}.path"]).read_bytes() == png
+
+    [model] = run["artifacts"]  # logger.wandb.log_model=best, recorded offline for `wandb sync`
+    assert (model["name"], model["type"]) == (f"model-{run['run_id']}", "model")
+    assert set(model["aliases"]) == {"best", "latest"}
+    best = (run_dir / "best.pt").read_bytes()
+    [(path, entry)] = model["files"].items()
+    assert (path, entry["digest"], entry["size"]) == ("best.pt", md5_b64(best), len(best))
+    assert Path(entry["local_path"]).read_bytes() == best  # the staged copy sync uploads
+    assert model["metadata"] == {
+        "checkpoint": "best.pt",
+        "config_hash": results["config_hash"],
+        "choices": results["choices"],
+        "best_epoch": results["best_epoch"],
+        "best_val_acc": pytest.approx(results["best_val"]["acc"]),
+        "test_acc": pytest.approx(results["test"]["acc"]),
+    }
+
+
+def test_console_full_shows_wandbs_footer_and_log_model_last_outlives_keep_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("WANDB_SILENT", "WANDB_CONSOLE"):
+        monkeypatch.delenv(key)
+    run_dir = tmp_path / "run"
+    shown = ["logger.wandb.console=full", "logger.wandb.log_model=last", "trainer.keep_last=false"]
+    result = run_train(*RUN, "trainer.epochs=1", "logger.wandb.mode=offline", *shown, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = wandb_lines(result.stderr)
+    assert "wandb: Run summary:" in lines and "wandb: You can sync this run to the cloud by running:" in lines
+    assert len(lines) > 20  # what console=quiet keeps off every job's log
+    assert f"done: {run_dir / 'results.json'}" in result.stdout
+
+    [model] = read_offline_run(offline_runs(run_dir)[0])["artifacts"]
+    [(path, entry)] = model["files"].items()
+    assert (path, model["metadata"]["checkpoint"], set(model["aliases"])) == ("last.pt", "last.pt", {"last", "latest"})
+    assert "test_acc" not in model["metadata"]  # the test ran on best.pt
+    assert not (run_dir / "last.pt").exists()  # deleted once finished; the artifact staged a copy before
+    assert md5_b64(Path(entry["local_path"]).read_bytes()) == entry["digest"]
 
 
 def test_unreachable_server_falls_back_to_offline_with_one_warning(tmp_path: Path) -> None:
@@ -177,3 +242,11 @@ def test_log_samples_logs_the_first_training_batch_once_and_trains_the_same_weig
     drawn, not_drawn = (checkpoint.load(tmp_path / name / "last.pt")["model"] for name in ("samples", "plain"))
     assert drawn.keys() == not_drawn.keys()
     assert all(torch.equal(drawn[key], not_drawn[key]) for key in drawn)
+
+
+def test_unknown_log_model_and_console_values_are_refused(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="logger.wandb.log_model='bestt' is not allowed: expected none, best or last"):
+        validate(make_cfg(*RUN, "logger.wandb.log_model=bestt"))
+    with pytest.raises(ConfigError, match="logger.wandb.console='loud' is not allowed: expected quiet or full"):
+        validate(make_cfg(*RUN, "logger.wandb.console=loud"))
+    validate(make_cfg(*RUN, "logger.wandb.log_model=none"))  # as the shell writes "off"

@@ -50,7 +50,14 @@ def _key(item: Any) -> str:
 
 
 def _read_once(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "metrics": {}, "exit_code": None}
+    out: dict[str, Any] = {
+        "config": {},
+        "summary": {},
+        "history": [],
+        "metrics": {},
+        "artifacts": [],
+        "exit_code": None,
+    }
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -61,6 +68,8 @@ def _read_once(path: Path) -> dict[str, Any]:
                 "group": run.run_group,
                 "job_type": run.job_type,
                 "name": run.display_name,
+                "tags": list(run.tags),
+                "notes": run.notes,
             }
             out["config"] |= {_key(i): json.loads(i.value_json) for i in run.config.update}
         elif kind == "config":
@@ -73,6 +82,21 @@ def _read_once(path: Path) -> dict[str, Any]:
             metric = record.metric
             summary = [name for name in ("min", "max", "mean", "last") if getattr(metric.summary, name)]
             out["metrics"][metric.name or metric.glob_name] = {"step_metric": metric.step_metric, "summary": summary}
+        elif kind == "artifact":  # run.log_artifact: its manifest names each file's MD5 (base64) and staged copy
+            artifact = record.artifact
+            files = {
+                entry.path: {"digest": entry.digest, "size": entry.size, "local_path": entry.local_path}
+                for entry in artifact.manifest.contents
+            }
+            out["artifacts"].append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                    "files": files,
+                }
+            )
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     out["config"].pop("_wandb", None)
@@ -80,7 +104,8 @@ def _read_once(path: Path) -> dict[str, Any]:
 
 
 def read_offline_run(run_folder: Path, wait: float = 10.0) -> dict[str, Any]:
-    """Config, summary, history, ids and exit code of `.../wandb/offline-run-*`; waits for the exit record."""
+    """Config, summary, history, metric definitions, artifacts, ids, name, tags, notes and exit code of
+    `.../wandb/offline-run-*`; waits for the exit record."""
     path = next(run_folder.glob("*.wandb"))
     deadline = time.monotonic() + wait
     while True:

@@ -21,9 +21,10 @@ from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import config_diff, config_hash, semantic_config, validate
 from vitexp.jobs import Job, expected_jobs, failure_line, job_state, search_space, sweep_jobs, varying_keys
 from vitexp.launcher import first_line
-from vitexp.logger import RunIdentity, Sinks
+from vitexp.logger import RunIdentity, Sinks, write_json
 from vitexp.report import Report, sweep_defaults, write_report
 from vitexp.rundir import HYDRA_DIR
+from vitexp.wandb_logger import VARYING_KEYS_FILE
 
 log = logging.getLogger("vitexp")
 
@@ -103,6 +104,15 @@ def print_search_space(hydra_cfg: DictConfig) -> None:
         print(f"  {parameter}: {', '.join(o.partition('=')[2] for o in overrides)}")
 
 
+def swept_keys(jobs: list[Job] | None, hydra_cfg: DictConfig) -> list[str]:
+    """The override keys that tell the jobs apart: those whose value differs across the grid, or every
+    parameter a sampling sweeper searches. Recorded for the jobs, each of which knows only its own overrides."""
+    if jobs is not None:
+        return sorted(varying_keys(jobs))
+    swept = search_space(hydra_cfg)[1].values()
+    return sorted({o.lstrip("+~").partition("=")[0] for overrides in swept for o in overrides})
+
+
 IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
@@ -156,6 +166,7 @@ class SweepCallback(Callback):
         # `python -m vitexp.report` reads the sweep's config here: Hydra's basic sweeper writes it, not every sweeper
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, sweep_dir / "multirun.yaml")
+        write_json(sweep_dir / VARYING_KEYS_FILE, {"varying_keys": swept_keys(jobs, config.hydra)})
         if config.hydra.launcher.get("_target_") == IN_PROCESS_LAUNCHER:
             self.stop = StopSignals().__enter__()
 
