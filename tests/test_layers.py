@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 # Lowest first. A module may import its own layer and the ones below, never one above.
 LAYERS = [
-    {"config", "registry", "checkpoint", "cluster", "metrics", "device", "guard"},  # foundations
+    {"paths", "config", "registry", "checkpoint", "cluster", "metrics", "device", "guard"},  # foundations
     {"splits"},  # what every dataset loader returns and shares
     {"models", "resnet_attn", "probes", "augment", "pets", "data", "feed"},  # the groups' options; batches
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
@@ -19,7 +19,8 @@ LAYERS = [
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
     {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
-    {"sweep", "bench_trainer", "bench", "cli", "lr_find", "explain", "preview"},  # grid checks; benchmarks; tools
+    {"sweep", "bench_trainer", "bench", "cli", "lr_find", "explain", "preview", "evaluate"},  # checks; benches; tools
+    {"train"},  # the Hydra entry point (train.py, vitexp-train)
 ]
 TOP = "__init__"
 

@@ -207,3 +207,14 @@ def test_keep_last_false_deletes_last_pt_only_once_the_run_has_finished(make_cfg
     assert not (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
     again = run.run(make_cfg(*overrides[:-1]), tmp_path / "run", RunIdentity({}))  # keep_last changes no experiment
     assert again == results  # finished: not trained again, and nothing is missing for it
+
+
+def test_save_best_false_deletes_best_pt_once_the_run_is_tested(make_cfg, tmp_path: Path) -> None:
+    overrides = [*TINY, "data=digits", "data.batch_size=128", "trainer.epochs=1"]
+    results = run.run(
+        make_cfg(*overrides, "trainer.save_best=false", "trainer.keep_last=false"), tmp_path / "run", RunIdentity({})
+    )
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+    assert results["test"]["acc"] > 0.1  # tested on best.pt before it was deleted
+    again = run.run(make_cfg(*overrides), tmp_path / "run", RunIdentity({}))  # save_best changes no experiment
+    assert again == results  # finished: its results are all a relaunch needs

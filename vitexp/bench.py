@@ -33,7 +33,6 @@ from PIL import Image
 
 from vitexp.augment import BatchAugment
 from vitexp.bench_trainer import (
-    CONF,
     Row,
     bench_gpu,
     bench_overhead,
@@ -49,6 +48,7 @@ from vitexp.config import AugConfig, ConfigError, DataConfig
 from vitexp.device import device_name, select_device, synchronize
 from vitexp.feed import DeviceData, EpochOrder
 from vitexp.models import ViTConfig, build_model, count_parameters
+from vitexp.paths import CONF_DIR
 from vitexp.pets import PetsImages, cached
 
 
@@ -295,7 +295,7 @@ def benchmark_names(value: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sized = "default: set by the device"
     cli.add_argument("--what", type=benchmark_names, help=f"comma-separated: {','.join(BENCHMARKS)} (default: all)")

@@ -25,9 +25,9 @@ from vitexp.config import ModelConfig
 from vitexp.device import synchronize
 from vitexp.groups import register_schemas
 from vitexp.models import VisionTransformer
+from vitexp.paths import CONF_DIR
 
 Row = tuple[str, str, str, str, str]  # benchmark, vitexp, baseline, ratio, target
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def timed(device: torch.device, work: Callable[[], object]) -> float:
@@ -72,7 +72,7 @@ def compose_config(args: argparse.Namespace, overrides: list[str]):
     from vitexp.config import validate
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["logger=none", f"trainer.device={args.device}", *overrides])
     return validate(cfg), cfg
 

@@ -8,12 +8,10 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from vitexp.config import Config, ConfigError, validate
-
-CONF = Path(__file__).resolve().parents[1] / "conf"  # train.py's config directory
+from vitexp.paths import CONF_DIR
 
 
 def run_tool(tool: Callable[[list[str]], Any], doc: str | None, argv: Sequence[str] | None = None) -> None:
@@ -101,7 +99,7 @@ def compose_train_config(overrides: list[str]) -> tuple[Config, dict[str, Any], 
     from vitexp.groups import register_schemas
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
     with open_dict(cfg):

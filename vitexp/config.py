@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from vitexp.paths import data_root
+
 GROUPS = ("model", "aug", "data", "optim", "sched", "probe")  # the groups with one option each in conf/<group>/
 SINK_GROUP = "logger"  # the group of which any number of options are chosen, each under logger.<name>
 
@@ -75,7 +77,7 @@ class DataConfig(GroupConfig):
     """The schema of every dataset option (loaders in `vitexp.data`)."""
 
     name: str = "pets"
-    root: str = "data"  # where the dataset lives (or is downloaded to), relative to the working directory
+    root: str = field(default_factory=data_root)  # the datasets' directory: $VITEXP_DATA, else data/ in the checkout
     download: bool = True  # download a missing dataset; false: a missing root is an error
     img_size: int = 224  # side of the square images the model sees
     crop_pct: float = 0.875  # stored images are img_size / crop_pct; eval takes the center crop
@@ -89,6 +91,7 @@ class DataConfig(GroupConfig):
     batch_size: int = 64  # training images per micro-batch (trainer.accumulate micro-batches per step)
     eval_batch_size: int = 256  # validation and test batches (no activations kept, so larger)
     num_workers: int = 4  # DataLoader processes, when batches come from the CPU
+    limit_batches: int | None = None  # debug: keep a seeded N batches' worth of each split (train and val/test)
     val_fraction: float = 0.1  # share of the training split held out for validation, per class; 0: select on test
     split_seed: int = 0  # which images are held out: fixed across seeds, so seeds compare on one split
     crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # random resized crop: area range
@@ -112,6 +115,7 @@ class DataConfig(GroupConfig):
         yield "crop_pct", 0 < self.crop_pct <= 1, "a float in (0, 1]"
         yield "batch_size", self.batch_size >= 1, "an integer >= 1"
         yield "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"
+        yield "limit_batches", self.limit_batches is None or self.limit_batches >= 1, "an integer >= 1, or null"
         yield "num_workers", self.num_workers >= 0, "an integer >= 0"
         yield "val_fraction", 0 <= self.val_fraction < 1, "a float in [0, 1) (0: the test split selects the model)"
         scale, ratio = self.crop_scale, self.crop_ratio
@@ -180,6 +184,7 @@ class TrainerConfig(GroupConfig):
     deterministic: bool = False  # deterministic kernels where torch has them (slower; warns where not)
     threads: int | None = None  # CPUs for torch and DataLoader workers; None: SLURM's, the launcher's, or all
     keep_last: bool = True  # keep last.pt once the run has finished (false: delete it; best.pt stays)
+    save_best: bool = True  # keep best.pt once the run has been tested (false: delete it; results.json stays)
     ema_decay: float = 0.0  # an exponential moving average of the weights, validated and tested too; 0: off
     ema_warmup: bool = False  # timm's EMA warmup: decay min(ema_decay, (1 + step) / (10 + step))
     swa_start: int | None = None  # SWA: the first epoch (1-based) whose weights enter the average; None: off
@@ -411,6 +416,7 @@ VOLATILE_KEYS = (
     "trainer.device",
     "trainer.threads",
     "trainer.keep_last",
+    "trainer.save_best",
 )
 
 
@@ -420,6 +426,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.resample": "auto",
     "data.crop": "random_resized",
     "data.crop_padding": 4,
+    "data.limit_batches": None,
     "trainer.samples": None,
     "trainer.ema_decay": 0.0,
     "trainer.ema_warmup": False,

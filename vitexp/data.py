@@ -24,6 +24,7 @@ from vitexp.registry import Registry
 from vitexp.splits import (
     Splits,
     cache_dir_of,
+    limit_splits,
     locked,
     make_splits,
     require_root,
@@ -117,5 +118,5 @@ DATASETS.register("pets", DataConfig)(load_pets)  # Oxford-IIIT Pet lives in a m
 
 
 def build_splits(cfg: DataConfig) -> Splits:
-    """The registered dataset `cfg.name`, as its three splits."""
-    return DATASETS.build(cfg)
+    """The registered dataset `cfg.name`, as its three splits (cut to `data.limit_batches` if set)."""
+    return limit_splits(DATASETS.build(cfg), cfg)

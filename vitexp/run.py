@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import UncompletedJobError
 
 from vitexp.averaging import averaging_hooks
-from vitexp.checkpoint import CheckpointError
+from vitexp.checkpoint import BEST_FILE, CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
-from vitexp.engine import NonFiniteError, Trainer
+from vitexp.engine import Hook, NonFiniteError, Trainer
 from vitexp.figures import figure_hooks
 from vitexp.logger import RESULTS_FILE, MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
@@ -78,7 +80,7 @@ def _train(
     state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     hooks = [*averaging_hooks(typed), *stopping_hooks(typed), *probe_hooks(typed), *figure_hooks(typed)]
-    hooks += samples_hooks(typed)
+    hooks += [*samples_hooks(typed), RunClock()]
     trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
     sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
     try:
@@ -87,17 +89,35 @@ def _train(
         sinks.finish(exit_code=1)
         raise
     sinks.finish(exit_code=0)
-    if results and not typed.trainer.keep_last:  # finished: results.json exists, nothing will resume from it
-        directory.last.unlink(missing_ok=True)
-        log.info("deleted %s (trainer.keep_last=false)", directory.last)
+    if results:  # finished: results.json exists, nothing will resume from the checkpoints
+        for path, keep, key in (
+            (directory.last, typed.trainer.keep_last, "keep_last"),
+            (directory.best, typed.trainer.save_best, "save_best"),
+        ):
+            if not keep and path.exists():
+                path.unlink()
+                log.info("deleted %s (trainer.%s=false)", path, key)
     if results and identity.sweep_dir is None:  # a sweep's jobs end in its report instead
-        log.info("done: %s; next: %s", directory.path / RESULTS_FILE, next_command(directory.path))
+        following = next_command(directory.path)
+        log.info("done: %s%s", directory.path / RESULTS_FILE, f"; next: {following}" if following else "")
     return results
 
 
+class RunClock(Hook):
+    """Where and when the run trained, in results.json: `host`, `started_at`, `finished_at` (Unix seconds, of the
+    invocation that finished it), from which the sweep report tells which jobs shared a machine."""
+
+    def start(self, trainer: Trainer) -> None:
+        self.started_at = time.time()
+
+    def finish(self, trainer: Trainer, results: dict[str, Any]) -> None:
+        results.update(host=socket.gethostname(), started_at=self.started_at, finished_at=time.time())
+
+
 def next_command(run_dir: Path) -> str:
-    """What a user looks at after a run: its predictions explained, and its W&B run uploaded if it ran offline."""
-    commands = [f"python -m vitexp.explain {run_dir}"]
+    """What a user looks at after a run: its predictions explained (if best.pt was kept), and its W&B run uploaded
+    if it ran offline; "" when neither applies."""
+    commands = [f"python -m vitexp.explain {run_dir}"] if (run_dir / BEST_FILE).exists() else []
     if any((run_dir / "wandb").glob("offline-run-*")):
         commands.append(f"wandb sync {run_dir / 'wandb'}")
     return " ; ".join(commands)

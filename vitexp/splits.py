@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from vitexp.config import DataConfig
 
@@ -106,3 +106,22 @@ def split_tensors(data: TensorDataset, idx: list[int]) -> TensorDataset:
 
 def cache_dir_of(cfg: DataConfig) -> Path | None:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+
+
+def limit_splits(splits: Splits, cfg: DataConfig) -> Splits:
+    """`data.limit_batches`: a seeded `limit_batches` x batch size images of each split (debug runs check a config
+    end to end in seconds, or overfit a few batches). Tensor datasets stay tensor datasets (they may go on the GPU)."""
+    if cfg.limit_batches is None:
+        return splits
+    rng = np.random.default_rng(cfg.split_seed)
+
+    def cut(dataset: Dataset, batch_size: int) -> Dataset:
+        size = len(dataset)  # type: ignore[arg-type]
+        keep = np.sort(rng.permutation(size)[: cfg.limit_batches * batch_size]).tolist()
+        if isinstance(dataset, TensorDataset):
+            return TensorDataset(*(tensor[keep] for tensor in dataset.tensors))
+        return Subset(dataset, keep)
+
+    val = cut(splits.val, cfg.eval_batch_size)
+    test = val if splits.selected_on_test else cut(splits.test, cfg.eval_batch_size)
+    return replace(splits, train=cut(splits.train, cfg.batch_size), val=val, test=test)
