@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,12 +66,12 @@ def test_bad_arguments_are_refused_naming_the_key(finished_run: Path, args: list
 
 
 def test_a_directory_without_a_checkpoint_exits_2_with_one_error_line(tmp_path: Path) -> None:
+    """Through the console script `pip install -e .` (requirements.txt) puts on the PATH."""
     (tmp_path / "last.pt").write_bytes(b"")  # a run whose best.pt was deleted
-    done = subprocess.run(
-        [sys.executable, "-m", "vitexp.evaluate", str(tmp_path)], cwd=REPO, capture_output=True, text=True
-    )
+    script = shutil.which("vitexp-evaluate")
+    assert script is not None, "vitexp-evaluate is not installed: pip install -r requirements.txt"
+    done = subprocess.run([script, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2
-    assert (
-        done.stderr.strip() == f"error: {tmp_path} holds no best.pt: evaluate.checkpoint=last evaluates last.pt instead"
-    )
+    expected = f"error: {tmp_path} holds no best.pt: evaluate.checkpoint=last evaluates last.pt instead"
+    assert done.stderr.strip() == expected
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt"]  # nothing written

@@ -111,7 +111,12 @@ def test_bad_grid_submits_nothing(tmp_path: Path) -> None:
 def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_rest(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     args = sweep_command(
-        sweep_dir, *SLURM, "hydra.launcher.array_parallelism=1", "aug=none,cutmix", "trainer.epochs=150"
+        sweep_dir,
+        *SLURM,
+        "hydra.launcher.array_parallelism=1",
+        "aug=none,cutmix",
+        "trainer.epochs=150",
+        "data.limit_batches=2",  # short epochs: many of them, so job 1 is still training when the sweep is killed
     )
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = sweep_dir / "1" / "metrics.jsonl"
