@@ -5,6 +5,7 @@ in PNG and PDF."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +186,11 @@ def classic_sweep(sweep_dir: Path) -> None:
                 number += 1
 
 
-def test_every_figure_is_labelled_and_saved_as_png_and_pdf(tmp_path: Path) -> None:
+def test_every_figure_is_labelled_and_saved_as_png_and_pdf(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     classic_sweep(tmp_path)
+    caplog.set_level(logging.INFO)  # as Hydra sets the root logger
     report = write_report(tmp_path, sweep_jobs(tmp_path, None), DEFAULTS)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("fontTools")] == []  # its subsetting chatter
 
     names = ["accuracy_heatmap", "ece_vs_smoothing", "confidence_vs_smoothing", "reliability_by_smoothing"]
     assert [path.name for path in report.plots] == [f"{name}.png" for name in [*names, "val_curves"]]

@@ -9,6 +9,7 @@ labelled, spreads are over seeds (error bars, shaded bands), and `aug=none`, the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -238,6 +239,9 @@ def save(fig: Any, out_dir: Path, name: str) -> Path:
     fig.tight_layout()
     png = out_dir / f"{name}.png"
     fig.savefig(png, dpi=110)
+    # Embedding TrueType fonts subsets them with fontTools, which logs a few hundred INFO lines per sweep
+    # (through the root logger Hydra sets to INFO); its warnings still show.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
     with matplotlib.rc_context({"pdf.fonttype": 42}):
         fig.savefig(out_dir / f"{name}.pdf")
     plt.close(fig)
