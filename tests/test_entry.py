@@ -24,7 +24,7 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpro
 def test_help_lists_every_group_and_option_and_never_imports_torch(tmp_path: Path) -> None:
     probe = (
         "import runpy, sys\n"
-        "sys.argv = ['train.py', '--help']\n"
+        f"sys.argv, sys.path[0] = ['train.py', '--help'], {str(REPO)!r}  # as `python train.py` sets them\n"
         f"try: runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n"
         "finally: print('torch imported:', 'torch' in sys.modules)\n"
     )
@@ -64,6 +64,15 @@ def test_shell_completion_offers_options_and_keys(tmp_path: Path) -> None:
     assert complete("python train.py model=") == [f"model={p.stem}" for p in sorted((REPO / "conf/model").glob("*"))]
     assert complete("python train.py debug=") == ["debug=fast", "debug=overfit"]
     assert complete("python train.py trainer.ep") == ["trainer.epochs="]
+    after_options = complete("python train.py data=digits data.batch_size=8 model.depth=2 trainer.ep")
+    assert after_options == ["trainer.epochs="]  # options whose schema references a package, and their keys
+
+
+def test_help_takes_the_rest_of_a_command_line(tmp_path: Path) -> None:
+    """`--help` appended to a command: its options and keys do not stop the help."""
+    args = ["--help", "data=digits", "data.batch_size=8", "+experiment=pets_lab", "trainer.epochs=3"]
+    done = run([sys.executable, str(REPO / "train.py"), *args], tmp_path)
+    assert done.returncode == 0 and "== Groups" in done.stdout, done.stderr
 
 
 def test_data_and_outputs_follow_the_environment_not_the_working_directory(tmp_path: Path) -> None:

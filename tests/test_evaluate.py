@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO, TINY
 from vitexp import run
+from vitexp.checkpoint import CheckpointError
 from vitexp.config import ConfigError
 from vitexp.evaluate import evaluate
 from vitexp.logger import RunIdentity
@@ -63,6 +64,12 @@ def test_an_existing_output_is_never_replaced_unless_asked(finished_run: Path) -
 def test_bad_arguments_are_refused_naming_the_key(finished_run: Path, args: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         evaluate([str(finished_run), *args])
+
+
+def test_data_that_changes_the_models_shape_is_refused_in_one_line(finished_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="best.pt's weights do not fit the model these overrides build: size"):
+        evaluate([str(finished_run), "data.img_size=32", f"evaluate.out={tmp_path / 'out.json'}"])
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_a_directory_without_a_checkpoint_exits_2_with_one_error_line(tmp_path: Path) -> None:

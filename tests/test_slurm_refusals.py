@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import run_train
 from tests.sweeps import SWEEP
-from vitexp.launcher import refusal_text, refused_keys, sbatch_answer, sbatch_script
+from vitexp.launcher import SlurmLauncher, refusal_text, refused_keys, sbatch_answer, sbatch_script
 
 FITS = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=60"]
 cluster = pytest.mark.usefixtures("slurm_cluster")
@@ -188,3 +188,20 @@ def test_sweep_is_submitted_when_sbatch_cannot_be_asked(tmp_path: Path) -> None:
         result.stdout + result.stderr
     )
     assert len(jobs_of(tmp_path / "sweep")) == 1 and (tmp_path / "sweep" / "0" / "results.json").exists()
+
+
+def test_the_check_can_be_turned_off_for_drained_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sbatch --test-only counts only nodes that are up: VITEXP_SBATCH_CHECK=0 submits what it would refuse."""
+    import submitit
+
+    refuse = "echo 'allocation failure: Requested node configuration is not available' >&2; exit 1"
+    monkeypatch.setenv("PATH", f"{fake_bin(tmp_path, sbatch=refuse, srun='exit 0')}:{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(tmp_path / "submitit" / "%j", cluster="slurm")
+    executor.update_parameters(slurm_partition="gpu")
+    launcher = SlurmLauncher.__new__(SlurmLauncher)  # only its check, not a Hydra launch
+    launcher.params = {"partition": "gpu"}
+    with pytest.raises(SystemExit) as exited:
+        launcher.check_submission(executor, 2)
+    assert exited.value.code == 2
+    monkeypatch.setenv("VITEXP_SBATCH_CHECK", "0")
+    launcher.check_submission(executor, 2)  # returns: the jobs go to sbatch unchecked

@@ -148,9 +148,10 @@ class Trainer:
         factors = math.lcm(*cfg.trainer.accumulate_factors)
         self.micro_batches = len(self.splits.train) // data.batch_size // factors * factors
         if self.micro_batches == 0:
+            limit = f" (data.limit_batches={data.limit_batches} kept them)" if data.limit_batches else ""
             raise ConfigError(
                 f"data.batch_size={data.batch_size} x trainer.accumulate={cfg.trainer.accumulate} is more than the "
-                f"{len(self.splits.train)} training images: lower them"
+                f"{len(self.splits.train)} training images{limit}: lower them"
             )
         self.epochs = cfg.trainer.epochs
         if cfg.trainer.samples is not None:  # as many epochs as it takes to train on that many images

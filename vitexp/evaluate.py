@@ -6,8 +6,10 @@ trained with), applies the `data.*` and `trainer.*` execution overrides given (a
 `data.root`, a larger `data.eval_batch_size`, `trainer.device=cpu`), evaluates with the very code the run's
 test used (`Trainer.evaluate_model`), prints the metrics as the run's test line does, and writes them as JSON,
 by default to `<run dir>/evaluate_<checkpoint>_<split>.json`. It never replaces an existing file unless
-`evaluate.overwrite=true`, and writes nothing else. The model, augmentation and optimizer come from the
-checkpoint: overriding them would evaluate weights the run did not train, so that is an error.
+`evaluate.overwrite=true`, and writes nothing else: a data set missing from `data.root` is an error, not a
+download (unless `data.download=true`), and a pretrained model is not fetched again. The model, augmentation
+and optimizer come from the checkpoint: overriding them would evaluate weights the run did not train, so that
+is an error.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from vitexp import checkpoint
-from vitexp.checkpoint import BEST_FILE, LAST_FILE
+from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError
 from vitexp.cli import parse_tool_args, run_tool
-from vitexp.config import GROUPS, Config, ConfigError, Rule, registered_options, validate
+from vitexp.config import GROUPS, Config, ConfigError, Rule, config_hash, registered_options, validate
 
 log = logging.getLogger("vitexp")
 
@@ -89,6 +91,7 @@ def run_config(stored: dict[str, Any], overrides: list[str]) -> tuple[Config, di
 
     register_schemas()
     schema = OmegaConf.structured(Config)
+    defaults = {"data": {"download": False}}  # a missing data set is an error naming it, not a download
     try:
         for group in GROUPS:
             name = stored.get(group, {}).get("name")
@@ -96,7 +99,9 @@ def run_config(stored: dict[str, Any], overrides: list[str]) -> tuple[Config, di
             if name not in options:
                 raise ConfigError(f"the run's {group} option {name!r} is not one of {', '.join(options)}")
             schema[group] = OmegaConf.structured(options[name])
-        cfg = OmegaConf.merge(schema, {**stored, "logger": {}}, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(schema, {**stored, "logger": {}}, defaults, OmegaConf.from_dotlist(overrides))
+        if "pretrained" in cfg.model:  # the checkpoint's weights replace them: never download ImageNet's
+            cfg.model.pretrained = False
     except OmegaConfBaseException as err:
         raise ConfigError(
             f"the run's config does not fit this version's schema, or an override does not: {err}"
@@ -120,7 +125,11 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists: set evaluate.overwrite=true to replace it, or evaluate.out=FILE")
     trainer = Trainer(typed, run_dir, config, choices={})
-    trainer.model.load_state_dict(state["model"])
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as err:  # data overrides that change the model's shape (classes, image size)
+        reason = str(err).splitlines()[-1].strip()
+        raise CheckpointError(f"{path}'s weights do not fit the model these overrides build: {reason}") from None
     metrics = trainer.evaluate_model(trainer.forward, cfg.split)
     epoch = state.get("epoch", state.get("progress", {}).get("epoch"))
     record = {
@@ -130,7 +139,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         "split": cfg.split,
         "overrides": overrides,
         "metrics": metrics,
-        "config_hash": trainer.hash,
+        "config_hash": config_hash(state["config"]),  # the run's (the overrides change only how it is read)
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2) + "\n"

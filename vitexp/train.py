@@ -2,11 +2,13 @@
 
 Help and shell completion compose the config without training anything, so they skip torch: the option
 schemas live beside their builders (which import torch), and in their place Hydra gets plain nodes, enough to
-list the groups and their keys in well under the seconds torch takes to import.
+list the groups, their options and the top-level and trainer keys in well under the seconds torch takes to
+import (an option's own keys, `model.depth`, are left out of what help and completion compose).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -19,7 +21,8 @@ from vitexp.paths import CONF_DIR
 
 HELP_FLAGS = {"-h", "--help", "--hydra-help", "-sc", "--shell-completion"}  # they compose, but run nothing
 SENTENCE_END = re.compile(r"(?<! al)(?<!e\.g)\.\s")  # "Yun et al. 2019" goes on
-SCHEMA_REFERENCE = re.compile(r"/schema/(\w+)/(\w+)@_here_")  # how conf/<group>/<option>.yaml extends its schema
+SCHEMA_REFERENCE = re.compile(r"/schema/(\w+)/(\w+)@\w+")  # how conf/<group>/<option>.yaml extends its schema
+OPTION_KEY = re.compile(r"^[+~]*(?!trainer\.|hydra\.)\w+\.[^=]*=")  # `data.batch_size=8`: a key of a group's option
 
 
 def register_help_schemas() -> None:
@@ -74,12 +77,25 @@ def task(cfg: DictConfig) -> float:
     return run_main(cfg)
 
 
+def without_option_keys(words: list[str]) -> list[str]:
+    """The words help and completion can compose: the stand-in schemas have no option keys (`model.depth`)."""
+    return [word for word in words if not OPTION_KEY.match(word)]
+
+
 def main() -> None:
     if HELP_FLAGS & set(sys.argv[1:]):
         OmegaConf.register_new_resolver("vitexp.options_help", options_help, replace=True)
         register_help_schemas()
+        sys.argv[1:] = without_option_keys(sys.argv[1:])
+        if line := os.environ.get("COMP_LINE"):  # a completion query: the words before the one being completed
+            *before, last = line.split(" ")
+            os.environ["COMP_LINE"] = " ".join([*without_option_keys(before), last])
     else:
         from vitexp.groups import register_schemas
 
         register_schemas()
     task()
+
+
+if __name__ == "__main__":
+    main()
