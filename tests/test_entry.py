@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.conftest import REPO, TINY
 
-GROUPS_WITH_DEFAULT = ["aug", "data", "debug", "logger", "model", "optim", "probe", "sched"]
+GROUPS_WITH_DEFAULT = ["aug", "data", "debug", "hparams_search", "logger", "model", "optim", "probe", "sched"]
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

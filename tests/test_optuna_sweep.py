@@ -56,3 +56,25 @@ def test_a_dry_run_shows_the_values_it_checked(tmp_path: Path) -> None:
     assert "OptunaSweeper samples its jobs, 5 trials; each value below was checked" in result.stdout
     assert "  optim.lr=tag(log,interval(1e-4,1e-2)): 0.0001, 0.01" in result.stdout
     assert not (tmp_path / "sweep").exists()
+
+
+def test_hparams_search_keeps_its_study_in_the_sweep_directory(tmp_path: Path) -> None:
+    """`hparams_search=optuna +search=<space>`: TPE with a fixed seed, the study in <sweep dir>/optuna.db, each trial's
+    value the best validation accuracy of its run (never a test metric)."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(sweep_dir, "hparams_search=optuna", "+search=digits", "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    results = job_results(sweep_dir)
+    assert [trial.number for trial in study.trials] == sorted(results) == [0, 1]
+    for trial in study.trials:
+        run = results[trial.number]
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == run["best_val"]["acc"]
+        assert trial.value != run["test"]["acc"]
+        assert trial.params["optim.lr"] == run["config"]["optim"]["lr"] and trial.params["aug"] == run["choices"]["aug"]
+        assert 1e-3 <= trial.params["optim.lr"] <= 1e-2 and 0 <= trial.params["smoothing"] <= 0.2
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert best.best_value == max(run["best_val"]["acc"] for run in results.values()) == study.best_value
