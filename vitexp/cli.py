@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vitexp.config import Config, ConfigError, validate
@@ -35,6 +36,19 @@ def run_tool(tool: Callable[[list[str]], Any], doc: str | None, argv: Sequence[s
     except refused as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)  # 1: Hydra's composition errors, as train.py
+
+
+def write_output(out: Path, data: bytes, overwrite: bool) -> None:
+    """A tool's output file: replaced atomically when `overwrite` was asked, else created, never replacing a file
+    that appeared since the tool checked (the user's, say)."""
+    from vitexp.checkpoint import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        atomic_write(out, lambda file: file.write(data))
+        return
+    with out.open("xb") as file:
+        file.write(data)
 
 
 # How a `tool.key=value` text becomes a field's value, by the field's annotation.

@@ -23,7 +23,7 @@ from typing import Any
 
 from vitexp import checkpoint
 from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError
-from vitexp.cli import parse_tool_args, run_tool
+from vitexp.cli import parse_tool_args, run_tool, write_output
 from vitexp.config import GROUPS, Config, ConfigError, Rule, config_hash, registered_options, validate
 
 log = logging.getLogger("vitexp")
@@ -141,13 +141,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         "metrics": metrics,
         "config_hash": config_hash(state["config"]),  # the run's (the overrides change only how it is read)
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2) + "\n"
-    if cfg.overwrite:
-        checkpoint.atomic_write(out, lambda file: file.write(text.encode()))
-    else:
-        with out.open("x") as file:  # never replace a file that appeared meanwhile
-            file.write(text)
+    write_output(out, (json.dumps(record, indent=2) + "\n").encode(), cfg.overwrite)
     shown = (metrics[key] for key in ("acc", "acc5", "f1", "ece", "loss"))
     line = "%s (%s, epoch %s): acc %.4f  acc5 %.4f  f1 %.4f  ece %.4f  nll %.4f; wrote %s"
     log.info(line, cfg.split, path.name, epoch, *shown, out)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from vitexp import checkpoint
 from vitexp.augment import center_crop
 from vitexp.checkpoint import BEST_FILE, LAST_FILE, CheckpointError
-from vitexp.cli import parse_tool_args, run_tool
+from vitexp.cli import parse_tool_args, run_tool, write_output
 from vitexp.config import ConfigError, DataConfig, ModelConfig, Rule
 from vitexp.device import select_device
 from vitexp.registry import Registry
@@ -460,15 +460,6 @@ def output_path(run_dir: Path, cfg: ExplainConfig) -> Path:
     return out
 
 
-def write_png(out: Path, data: bytes, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        checkpoint.atomic_write(out, lambda file: file.write(data))
-        return
-    with out.open("xb") as file:  # never replace a file that appeared meanwhile
-        file.write(data)
-
-
 def explain(argv: Sequence[str]) -> Path:
     """Run the command: check everything, load the run, attribute, draw and write the PNG; returns its path."""
     run_dir, cfg = parse_args(argv)
@@ -506,7 +497,7 @@ def explain(argv: Sequence[str]) -> Path:
     ]
     explained = "the predicted class" if cfg.target == "pred" else "the true class"
     title = f"{cfg.method} ({run.model_name}, {cfg.split} split): attribution to {explained}, scaled per image"
-    write_png(out, render(panels, title), cfg.overwrite)
+    write_output(out, render(panels, title), cfg.overwrite)
     right = sum(panel.correct for panel in panels)
     log.info("wrote %s: %d %s images (%d predicted right), %s", out, len(panels), cfg.split, right, cfg.method)
     return out
