@@ -264,6 +264,24 @@ class LoggerConfig(GroupConfig):
     name: str = MISSING
 
 
+# What an Optuna search may optimise (`hparams_search.metric`): a validation metric of every epoch, and the
+# direction in which it improves. Never a test metric: the test set judges the chosen trial, it does not choose it.
+SEARCH_METRICS = {"val/acc": "maximize", "val/loss": "minimize", "val_ema/acc": "maximize", "val_swa/acc": "maximize"}
+
+
+@dataclass
+class SearchConfig:
+    """`hparams_search=optuna`: what the search optimises. Read by the sweeper (`vitexp.search`), not by the run."""
+
+    metric: str = "val/acc"  # its best value over the run's validation epochs is the trial's objective
+    direction: str = "maximize"  # the way `metric` improves; hydra.sweeper.direction follows it
+
+    def rules(self) -> Iterator[Rule]:
+        yield "metric", self.metric in SEARCH_METRICS, f"one of {', '.join(SEARCH_METRICS)} (never a test metric)"
+        expected = SEARCH_METRICS.get(self.metric, self.direction)
+        yield "direction", self.direction == expected, f"{expected} for {self.metric}"
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -278,6 +296,7 @@ class Config:
     smoothing: float = 0.0  # label smoothing epsilon in [0, 1), applied once to the (possibly mixed) target
     loss: str = "ce"  # ce: cross-entropy; l2: mean squared error between the soft target and the logits
     dry_run: bool = False  # with -m: print the job table of the grid and launch nothing
+    hparams_search: SearchConfig | None = None  # set by hparams_search=optuna
 
     def rules(self) -> Iterator[Rule]:
         """Top-level ranges and the rules that tie groups together (checked after each group's own rules)."""
@@ -345,13 +364,13 @@ def _unknown_keys(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, typ
     for key, value in node.items_ex(resolve=False):
         if known is not None and key not in known:
             yield prefix + str(key), schema  # type: ignore[misc]
-        elif isinstance(value, DictConfig):
+        elif isinstance(value, DictConfig) and not value._is_none():  # `hparams_search: null`
             yield from _unknown_keys(value, f"{prefix}{key}.")
 
 
 def _all_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
     for key, value in node.items_ex(resolve=False):
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and not value._is_none():
             yield from _all_keys(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
@@ -395,7 +414,8 @@ def validate(cfg: DictConfig) -> Config:
     check_known_keys(cfg)
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_options(typed)
-    for prefix, node in [*options_in(typed), ("trainer.", typed.trainer), ("", typed)]:
+    search = [("hparams_search.", typed.hparams_search)] if typed.hparams_search is not None else []
+    for prefix, node in [*options_in(typed), ("trainer.", typed.trainer), *search, ("", typed)]:
         for key, holds, allowed in node.rules():
             if not holds:
                 full_key = key if "." in key else prefix + key
@@ -408,6 +428,7 @@ def validate(cfg: DictConfig) -> Config:
 VOLATILE_KEYS = (
     "logger",
     "dry_run",
+    "hparams_search",
     "data.root",
     "data.num_workers",
     "data.download",

@@ -218,10 +218,12 @@ def stopped(stop: StopSignals, directory: RunDir, multirun: bool) -> float:
         try:
             stop.requeue()
         except UncompletedJobError as err:  # submitit will not requeue it again (e.g. timed out too often)
-            directory.record_failure(f"{message}; not requeued: {err}")
+            directory.record_failure(f"{message}; not requeued: {err}", stopped=True)
             return math.nan
     if multirun:
-        directory.record_failure(f"{message}: relaunching the sweep (with its hydra.sweep.dir) resumes it")
+        directory.record_failure(
+            f"{message}: relaunching the sweep (with its hydra.sweep.dir) resumes it", stopped=True
+        )
         if in_submitit_job():
             sys.exit(EXIT_STOPPED)
         return math.nan

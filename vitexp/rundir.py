@@ -172,8 +172,10 @@ class RunDir:
             root.removeHandler(handler)
             handler.close()
 
-    def record_failure(self, message: str) -> None:
-        write_json(self.path / FAILED_FILE, {"error": message})
+    def record_failure(self, message: str, stopped: bool = False) -> None:
+        """`stopped`: a stop signal ended the run after a checkpoint, so relaunching resumes it (not a failure of
+        the experiment: an Optuna search resumes such a trial instead of telling the study it failed)."""
+        write_json(self.path / FAILED_FILE, {"error": message, "stopped": stopped})
 
     def clear_failure(self) -> None:
         (self.path / FAILED_FILE).unlink(missing_ok=True)
