@@ -7,6 +7,7 @@ step loop, memory, compile and channels-last.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,10 +16,13 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import TINY
+from tests.test_ddp import BASE, max_difference, torchrun, weights
+from vitexp import run
 from vitexp.bench_trainer import train_flops
 from vitexp.config import validate
 from vitexp.engine import Trainer
 from vitexp.models import MODELS
+from vitexp.run import RunIdentity
 
 pytestmark = [
     pytest.mark.cuda,
@@ -96,3 +100,32 @@ def test_mfu_of_vit_small_is_measured(make_cfg, tmp_path: Path) -> None:
     flops = train_flops(trainer.model, 224, trainer.device) * 128
     print(f"ViT-S/16 bf16 eager: {128 / step:,.0f} img/s, {flops / step / 1e12:.1f} TFLOP/s")
     assert flops / step > 1e12  # a GPU, not a silent CPU fallback
+
+
+GPU_FP32 = ["trainer.device=cuda", "trainer.precision=fp32"]
+RESNET = ["model=resnet18", "data=digits", "data.img_size=32", "data.crop=squash", "aug=none", "logger=none"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_nccl_train_the_weights_of_one_gpu(make_cfg, tmp_path: Path) -> None:
+    """DDP on NCCL: each rank on its own GPU, gradients all-reduced on the devices, the same run as one GPU's
+    (a looser tolerance than gloo's: the GPU's reductions round in their own orders)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = torchrun(two, *GPU_FP32)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "device cuda:0" in (two / "train.log").read_text()
+    results = run.run(make_cfg(*BASE, *GPU_FP32), one, RunIdentity({}))
+    assert max_difference(weights(two), weights(one)) < 1e-4
+    tested = json.loads((two / "results.json").read_text())["test"]
+    assert tested == pytest.approx(results["test"], abs=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_sync_batchnorm_normalises_over_the_global_batch(make_cfg, tmp_path: Path) -> None:
+    """With trainer.sync_bn=true, two ranks' BatchNorm sees the global batch, as one GPU's does."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    overrides = [*RESNET, *GPU_FP32, "trainer.epochs=1", "data.batch_size=64"]
+    done = torchrun(two, *overrides, "trainer.sync_bn=true", base=[])
+    assert done.returncode == 0, done.stderr[-3000:]
+    run.run(make_cfg(*overrides, "trainer.sync_bn=true"), one, RunIdentity({}))  # one process: plain BatchNorm
+    assert max_difference(weights(two), weights(one)) < 5e-3  # cuDNN's convolution gradients add up in any order

@@ -481,6 +481,11 @@ class BatchAugment:
         flip = torch.rand(n, device=images.device, generator=self.gen) < self.data.hflip
         return self.normalize(pad_crop_flip(images, pad, offsets, flip))
 
+    def reseed(self, seed: int) -> None:
+        """Start both generators again from `seed`: a rank that a resumed run's checkpoint has no draws for."""
+        self.gen.manual_seed(seed)
+        self.np_rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+
     def state_dict(self) -> dict:
         return {"torch": self.gen.get_state(), "numpy": self.np_rng.bit_generator.state}
 

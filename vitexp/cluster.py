@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -58,6 +59,10 @@ class StopSignals:
         for scope in StopSignals._active:
             scope.requested = scope.requested or signal.Signals(signum)
 
+    def agree(self, signum: int) -> None:
+        """Another rank of the run received `signum`: this one stops at the same step, as if it had too."""
+        self.requested = self.requested or signal.Signals(signum)
+
     def after_stop(self, signum: int) -> str:
         return "requeueing" if self.hands_to_submitit(signum) else "stopping"
 
@@ -78,11 +83,12 @@ def in_submitit_job() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
-def resume_command(directory_key: str, directory: Path) -> str:
+def resume_command(directory_key: str, directory: Path, program: Sequence[str] = ("python",)) -> str:
     """This process's command line, pinned to `directory`: the default run and sweep directories are
-    time-stamped, so the bare command would start over in a new one."""
+    time-stamped, so the bare command would start over in a new one. `program` runs it (torchrun's options
+    for a run on several processes)."""
     args = [arg for arg in sys.argv if not arg.startswith(f"{directory_key}=")]
-    return shlex.join(["python", *args, f"{directory_key}={directory}"])
+    return shlex.join([*program, *args, f"{directory_key}={directory}"])
 
 
 def available_cpus() -> int:

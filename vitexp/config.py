@@ -193,6 +193,7 @@ class TrainerConfig(GroupConfig):
     early_stop_patience: int = 0  # stop after this many epochs without improvement; 0: off
     early_stop_metric: str = "val/acc"  # val/acc (higher is better) or val/loss (lower is better)
     early_stop_min_delta: float = 0.0  # the least change that counts as an improvement
+    sync_bn: bool = False  # on several processes (DDP): BatchNorm statistics over the global batch (CUDA only)
 
     def rules(self) -> Iterator[Rule]:
         yield "epochs", self.epochs >= 1, "an integer >= 1"
@@ -457,6 +458,7 @@ ADDED_KEYS: dict[str, Any] = {
     "trainer.early_stop_patience": 0,
     "trainer.early_stop_metric": "val/acc",
     "trainer.early_stop_min_delta": 0.0,
+    "trainer.sync_bn": False,
     "optim.backbone_lr_scale": 1.0,
     "model.drop_path": 0.0,
     "model.code_size": None,

@@ -9,6 +9,9 @@ Over 400 lines, and `Trainer` over 200, on purpose: the loop, the state a checkp
 does. Everything that is not the loop is built elsewhere: batches (`feed`), optimizer and schedule
 (`optim`), device and precision (`device`), non-finite guards (`guard`), evaluation (`metrics`), the run
 directory (`rundir`) and where numbers go (`logger` sinks).
+
+On several processes (`distributed`) the same loop runs on every rank under DDP: each trains its slice of the
+global batch, the ranks agree on every decision (skip a step, stop here), and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vitexp import checkpoint
@@ -34,6 +38,7 @@ from vitexp.cluster import StopSignals
 from vitexp.config import Config, ConfigError, config_hash
 from vitexp.data import build_splits
 from vitexp.device import autocast, autocast_dtype, plan_threads, select_device
+from vitexp.distributed import ProcessGroup, rank_seed
 from vitexp.feed import Feed
 from vitexp.guard import NonFiniteError, NonFiniteSteps, check_weights
 from vitexp.logger import METRICS_FILE, MetricsFiles, Sink, Sinks, read_jsonl
@@ -130,12 +135,15 @@ class Trainer:
         stop: StopSignals | None = None,
         hooks: Sequence[Hook] = (),
         launcher_cpus: int | None = None,
+        group: ProcessGroup | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.config, self.choices = cfg, run_dir, config, choices
         self.stop = stop
         self.hooks = [DataWaitWarning(), *hooks]
         self.hash = config_hash(config)
-        self.device = select_device(cfg.trainer.device)
+        # several processes (DDP, started by the caller): rank 0 alone writes `run_dir`, the ranks agree on the rest
+        self.group = group or ProcessGroup()
+        self.device = self.group.device(select_device(cfg.trainer.device))
         self.amp_dtype = autocast_dtype(cfg.trainer.precision, self.device)
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -158,24 +166,29 @@ class Trainer:
             self.epochs = math.ceil(cfg.trainer.samples / (self.micro_batches * data.batch_size))
         self.threads = plan_threads(cfg.trainer.threads, launcher_cpus, data.num_workers)
         feed_data = replace(data, num_workers=self.threads.workers)
-        self.feed = Feed(self.splits, feed_data, self.device, self.micro_batches, seed=cfg.seed)
+        rank, world_size = self.group.rank, self.group.world_size
+        self.feed = Feed(self.splits, feed_data, self.device, self.micro_batches, cfg.seed, rank, world_size)
         if (threads := self.threads.training_threads(loaders=not self.feed.resident)) is not None:
             torch.set_num_threads(threads)
         self.epoch_steps = [self.micro_batches // cfg.trainer.accumulate_at(e) for e in range(self.epochs)]
 
-        self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=cfg.seed + 1)
+        augment_seed = rank_seed(cfg.seed + 1, rank)  # each rank draws its own slice's augmentation
+        self.augment = BatchAugment(data, cfg.aug, self.num_classes, cfg.smoothing, self.device, seed=augment_seed)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the data or augmentation
         self.model = build_model(cfg.model, self.num_classes, data.img_size).to(self.device)
+        if rank:  # its own dropout masks, from the same initial weights
+            torch.manual_seed(rank_seed(cfg.seed, rank))
         self.channels_last = cfg.trainer.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if cfg.trainer.compile else self.model
+        self.ddp = self.wrap_ddp() if self.group.active else None
         self.params = count_parameters(self.model)
 
         self.optimizer = OPTIMIZERS.build(cfg.optim, self.model)
         self.scheduler = build_schedule(cfg.sched, self.optimizer, cfg.optim.lr, self.epoch_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.train_means = RunningMeans(self.device)
+        self.train_means = RunningMeans(self.device, self.group.sum)
         self.nonfinite = NonFiniteSteps(self.device, cfg.trainer.max_nonfinite)
         self.data_wait = DataWait()
         self.progress = Progress()
@@ -183,6 +196,23 @@ class Trainer:
         self.stop_requested = False  # honoured at the next step boundary
         self.finish_early: str | None = None  # set by a hook, saying why: no more epochs, test and finish
         self.sinks: Sink = Sinks([])  # where `fit` sends its numbers
+
+    def wrap_ddp(self) -> DistributedDataParallel:
+        """The model as DDP trains it: gradients averaged over the ranks in backward, rank 0's initial weights.
+
+        `trainer.sync_bn` makes BatchNorm normalise over the global batch (CUDA only: `vitexp.run` refuses it on
+        the CPU). Evaluation runs the bare model on each rank's shard, so it has no collectives a shard could miss.
+        """
+        if self.cfg.trainer.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.forward = torch.compile(self.model) if self.cfg.trainer.compile else self.model
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.forward, device_ids=device_ids)
+
+    @property
+    def train_forward(self) -> nn.Module:
+        """The module training steps run: DDP's wrapper on several processes, else the (compiled) model."""
+        return self.forward if self.ddp is None else self.ddp
 
     # --- checkpoints -------------------------------------------------------------------------------
     @property
@@ -206,7 +236,13 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "config": self.config,
             "config_hash": self.hash,
-        }
+        } | self.rank_states()
+
+    def rank_states(self) -> dict[str, Any]:
+        """On several ranks, every rank's own random draws (augmentation, dropout), so a resume draws on."""
+        if not self.group.active:
+            return {}
+        return {"ranks": self.group.gather({"augment": self.augment.state_dict(), "rng": checkpoint.rng_state()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -217,20 +253,34 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         self.nonfinite.restore(self.progress.nonfinite_total, self.progress.nonfinite_streak)
-        self.train_means.load_state_dict(state["train_means"])
-        self.augment.load_state_dict(state["augment"])
+        if self.group.is_main:  # the run's sums so far, continued by rank 0; the others count from zero
+            self.train_means.load_state_dict(state["train_means"])
         saved = state.get("hooks", {})
         if isinstance(saved, list):  # by position, as earlier versions saved them (their hooks come first still)
             saved = {type(hook).__name__: hook_state for hook, hook_state in zip(self.hooks, saved, strict=False)}
         for hook in self.hooks:  # by name: a stateless hook added or dropped (a figure, say) never breaks a resume
             if hook_state := saved.get(type(hook).__name__):
                 hook.load_state_dict(hook_state)
-        checkpoint.set_rng_state(state["rng"])
+        self.load_draws(state)
+
+    def load_draws(self, state: dict[str, Any]) -> None:
+        """This rank's random generators from a checkpoint: rank 0's are the checkpoint's own; another rank's
+        are its entry in `ranks`, or (a checkpoint of fewer ranks) fresh seeds of its rank and step."""
+        ranks, rank = state.get("ranks", []), self.group.rank
+        if rank == 0 or rank < len(ranks):
+            mine = state if rank == 0 else ranks[rank]
+            self.augment.load_state_dict(mine["augment"])
+            checkpoint.set_rng_state(mine["rng"])
+            return
+        self.augment.reseed(rank_seed(self.cfg.seed + 1, rank, self.progress.step))
+        checkpoint.set_rng_state(state["rng"])  # Python's and NumPy's, then torch's own seed
+        torch.manual_seed(rank_seed(self.cfg.seed, rank, self.progress.step))
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         """Write a checkpoint, unless the weights went non-finite: then the run fails, keeping the last good one."""
-        check_weights(state["model"], self.progress.step, path.name)
-        checkpoint.save(path, state)
+        check_weights(state["model"], self.progress.step, path.name)  # on every rank: they fail together
+        if self.group.is_main:
+            checkpoint.save(path, state)
 
     # --- training ------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -253,17 +303,19 @@ class Trainer:
             initial=self.progress.batch,
             total=self.feed.order.stop_batch,
         )
+        forward = self.train_forward
         for images, labels in bar:
             images, labels = self.to_device(images, labels)
             inputs, targets = self.augment(images, labels)
             if self.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits = self.forward(inputs)
-            loss = LOSS_FUNCTIONS[self.cfg.loss](logits.float(), targets)
+            with self.gradient_sync((self.progress.batch + 1) % accumulate == 0):
+                with self.autocast():
+                    logits = forward(inputs)
+                loss = LOSS_FUNCTIONS[self.cfg.loss](logits.float(), targets)
+                self.scaler.scale(loss / accumulate).backward()
             finite = torch.isfinite(loss)
             window_finite &= finite
-            self.scaler.scale(loss / accumulate).backward()
             self.train_means.update(loss, logits, targets, finite)
             self.progress.batch += 1
             if self.progress.batch % accumulate == 0:
@@ -277,6 +329,10 @@ class Trainer:
                 if self.stopping() and self.progress.batch < self.feed.order.batches_per_epoch:
                     return False
         return True
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients over the ranks only in the backward of a step's `last` micro-batch."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
 
     def train_steps(self, batches: int, epoch: int = 0) -> float:
         """Train micro-batches [0, batches) of `epoch` as an epoch of that length, outside any run (nothing is
@@ -300,8 +356,17 @@ class Trainer:
         log.info(line, epoch + 1, step, self.epoch_steps[epoch], loss, lr)
 
     def stopping(self) -> bool:
-        """Whether a stop was requested (by a signal, or by setting `stop_requested`)."""
-        return self.stop_requested or (self.stop is not None and self.stop.requested is not None)
+        """Whether a stop was requested (by a signal, or by setting `stop_requested`), on any rank: the ranks
+        agree at every step, so a signal to any one of them stops all of them at the same step, and each then
+        knows the signal."""
+        received = self.stop.requested if self.stop is not None else None
+        if not self.group.active:
+            return self.stop_requested or received is not None
+        requested, signum = self.group.max([int(self.stop_requested), received or 0])
+        self.stop_requested = bool(requested)
+        if signum and self.stop is not None:
+            self.stop.agree(signum)
+        return self.stop_requested or bool(signum)
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
         """Apply the accumulated gradients, or skip them if a loss in the window or a gradient was non-finite.
@@ -312,7 +377,8 @@ class Trainer:
         non-finite loss counts there.
         """
         trainer = self.cfg.trainer
-        if trainer.clip_grad_norm > 0:
+        finite = self.group.all_true(finite)  # every rank applies or skips the step, as one
+        if trainer.clip_grad_norm > 0:  # DDP's gradients are the ranks' average: the global norm
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.clip_grad_norm)
         elif not self.scaler.is_enabled():
@@ -356,7 +422,8 @@ class Trainer:
     def evaluate_model(self, model: nn.Module, split: str) -> dict[str, float]:
         """Metrics of any weights (the trained model, or a hook's average) on `val` or `test`; with `loss=l2`
         also the trained loss (`l2`) beside the NLL every run reports."""
-        batches = self.feed.eval(split)
+        batches = self.feed.eval_shard(split)  # torchmetrics sums the ranks' shards up in `compute`
+        self.group.share_buffers(model)
         l2 = self.cfg.loss == "l2"
         return evaluate(model, batches, self.prepare_eval, self.num_classes, self.device, self.autocast, l2=l2)
 
@@ -371,7 +438,8 @@ class Trainer:
         The metrics files are always written, before `sink` (W&B, TensorBoard: `vitexp.logger`) hears of
         each epoch, so results.json exists before any service is told the result.
         """
-        sinks = self.sinks = Sinks([MetricsFiles(self.run_dir), *([sink] if sink is not None else [])])
+        files = [MetricsFiles(self.run_dir)] if self.group.is_main else []
+        sinks = self.sinks = Sinks([*files, *([sink] if sink is not None else [])])
         sizes = (len(self.splits.train), len(self.splits.val), len(self.splits.test))
         precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
         model = self.choices.get("model", self.cfg.model.name)
@@ -446,6 +514,7 @@ class Trainer:
         """Test the best epoch's weights and write results.json, which marks the run finished."""
         if self.progress.best_epoch < 1:
             raise NonFiniteError("no epoch had finite validation metrics; there are no weights to test")
+        self.group.barrier()  # rank 0 has written best.pt (and its hooks' files), which every rank tests
         best = checkpoint.load(self.best_path)
         self.evaluated_model()[1].load_state_dict(best["model"])
         test = self.evaluate("test")

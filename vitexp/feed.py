@@ -29,10 +29,15 @@ class EpochOrder(Sampler[int]):
 
     Deriving the order instead of drawing it from a stateful generator means a resumed run needs only
     (epoch, batch) to continue exactly where the interrupted one stopped. Only full batches are served.
+    With several ranks, `batch_size` is the global batch and each rank serves its own slice of every batch
+    (`local_batch` images), so the ranks together train exactly the batches one process would.
     """
 
-    def __init__(self, size: int, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+    def __init__(
+        self, size: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.size, self.batch_size, self.batches_per_epoch, self.seed = size, batch_size, batches_per_epoch, seed
+        self.rank, self.local_batch = rank, local_batch_size(batch_size, world_size)
         self.epoch, self.start_batch, self.stop_batch = 0, 0, batches_per_epoch
 
     def set_position(self, epoch: int, start_batch: int = 0, stop_batch: int | None = None) -> None:
@@ -44,13 +49,28 @@ class EpochOrder(Sampler[int]):
         """The sample indices still to train on in this epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
-        return order[self.start_batch * self.batch_size : self.stop_batch * self.batch_size]
+        served = order[self.start_batch * self.batch_size : self.stop_batch * self.batch_size]
+        if self.local_batch == self.batch_size:
+            return served
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        return served.view(-1, self.batch_size)[:, mine].reshape(-1)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
 
     def __len__(self) -> int:
-        return (self.stop_batch - self.start_batch) * self.batch_size
+        return (self.stop_batch - self.start_batch) * self.local_batch
+
+
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """Each rank's share of the global `data.batch_size`; equal shares, so DDP's mean of the ranks' mean
+    gradients is the mean over the global batch, as one process computes it."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is the global batch and must divide evenly among the {world_size} "
+            f"processes (world size {world_size}): use a multiple of {world_size}"
+        )
+    return batch_size // world_size
 
 
 class DeviceData:
@@ -178,9 +198,19 @@ class Feed:
     """A run's batches: the train split in the epoch's seeded order (resumable mid-epoch), val and test in
     storage order; from tensors on the training device when they fit, through DataLoaders otherwise."""
 
-    def __init__(self, splits: Splits, data: DataConfig, device: torch.device, batches_per_epoch: int, seed: int):
+    def __init__(
+        self,
+        splits: Splits,
+        data: DataConfig,
+        device: torch.device,
+        batches_per_epoch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.data, self.splits, self.pin = data, splits, device.type == "cuda"
-        self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed=seed)
+        self.rank, self.world_size = rank, world_size
+        self.order = EpochOrder(len(splits.train), data.batch_size, batches_per_epoch, seed, rank, world_size)
         self.resident = keep_on_device(data, splits, free_memory(device))
         if self.resident:
             moved: dict[int, DeviceData] = {}  # by dataset: val and test may be one dataset, moved once
@@ -196,7 +226,7 @@ class Feed:
         if data.policy != "none":
             train, sampler = PolicyImages(train, data.policy, data.name), SampleSeeds(self.order)
         self.loaders = {
-            "train": make_loader(train, data.batch_size, data, sampler, pin),
+            "train": make_loader(train, self.order.local_batch, data, sampler, pin),
             "val": make_loader(splits.val, data.eval_batch_size, data, None, pin),
             "test": make_loader(splits.test, data.eval_batch_size, data, None, pin),
         }
@@ -207,8 +237,17 @@ class Feed:
         """The batches of `epoch` from `start_batch` on (up to `stop_batch`), in the epoch's seeded order."""
         self.order.set_position(epoch, start_batch, stop_batch)
         if self.resident:
-            return self.device_data["train"].batches(self.data.batch_size, self.order.indices())
+            return self.device_data["train"].batches(self.order.local_batch, self.order.indices())
         return self.loaders["train"]
+
+    def eval_shard(self, split: str) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's contiguous share of `val` or `test` (all of it for one process); the ranks' metrics are
+        reduced by torchmetrics, so together they evaluate every image once."""
+        if self.world_size == 1:
+            return self.eval(split)
+        size = len(getattr(self.splits, split))
+        start, stop = size * self.rank // self.world_size, size * (self.rank + 1) // self.world_size
+        return self.eval(split, torch.arange(start, stop))
 
     def eval(self, split: str, indices: torch.Tensor | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `val`, `test` or `train` (its images as evaluation sees them: for BatchNorm statistics

@@ -72,10 +72,14 @@ class EvalMeter:
 
 
 class RunningMeans:
-    """Sums kept on the device so the training loop never waits for the GPU to read a number."""
+    """Sums kept on the device so the training loop never waits for the GPU to read a number.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    `reduce` sums them over the ranks of a run on several processes (each rank counts its own slice), when
+    they are read or checkpointed; a checkpoint holds the run's sums, which a resumed rank 0 continues alone.
+    """
+
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        self.device, self.reduce = device, reduce
         self.reset()
 
     def reset(self) -> None:
@@ -91,12 +95,14 @@ class RunningMeans:
 
     def compute(self, step_loss: torch.Tensor | None = None) -> dict[str, float]:
         """The means so far; with `step_loss`, also its value (`step_loss`), read in the same transfer."""
-        sums = self.sums if step_loss is None else torch.cat([self.sums, step_loss.detach().double().reshape(1)])
+        sums = self.reduce(self.sums)
+        if step_loss is not None:  # this rank's own
+            sums = torch.cat([sums, step_loss.detach().double().reshape(1)])
         loss_sum, correct, n, *step = sums.tolist()
         return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)} | ({"step_loss": step[0]} if step else {})
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums.cpu()}
+        return {"sums": self.reduce(self.sums).cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["sums"].to(self.device)
