@@ -8,7 +8,8 @@ from tests.conftest import REPO
 
 # Lowest first. A module may import its own layer and the ones below, never one above.
 LAYERS = [
-    {"paths", "config", "registry", "checkpoint", "cluster", "metrics", "device", "guard"},  # foundations
+    # foundations
+    {"paths", "config", "registry", "checkpoint", "cluster", "metrics", "device", "guard", "distributed"},
     {"splits"},  # what every dataset loader returns and shares
     {"models", "resnet_attn", "probes", "augment", "pets", "data", "feed"},  # the groups' options; batches
     {"logger", "wandb_logger", "tensorboard_logger"},  # the logger sinks
@@ -18,8 +19,9 @@ LAYERS = [
     {"rundir"},  # a run directory's files and checks
     {"run"},  # the Hydra task
     {"jobs"},  # a sweep's jobs and their states
-    {"cells", "report_plots", "report", "launcher"},  # a sweep's cells, their plots and report; launchers
-    {"sweep", "bench_trainer", "bench", "cli", "lr_find", "explain", "preview", "evaluate"},  # checks; benches; tools
+    {"cells", "report_plots", "search_report", "report", "launcher"},  # a sweep's report and plots; launchers
+    # sweeps and sweepers (Optuna's); benches; tools
+    {"sweep", "search", "bench_trainer", "bench", "cli", "lr_find", "explain", "preview", "evaluate"},
     {"train"},  # the Hydra entry point (train.py, vitexp-train)
 ]
 TOP = "__init__"

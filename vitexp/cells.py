@@ -124,6 +124,7 @@ class Layout:
     """
 
     varying: list[str]
+    sampled: bool = False  # the values were sampled (an Optuna search): each trial its own cell, no pivot
 
     @property
     def classic(self) -> bool:
@@ -137,6 +138,8 @@ class Layout:
     @property
     def pivot(self) -> tuple[str, str, list[str]] | None:
         """The accuracy pivot's rows, columns and facets (one pivot per combination of their values)."""
+        if self.sampled:
+            return None
         if self.classic:
             return "aug", "smoothing", ["model"]
         return (self.varying[0], self.varying[1], self.varying[2:]) if len(self.varying) > 1 else None

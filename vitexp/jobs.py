@@ -11,6 +11,7 @@ end-of-sweep summary, the report and the relaunch checks work whatever sweeper a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from hydra.core.override_parser.types import IntervalSweep, Override
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.checkpoint import LAST_FILE
-from vitexp.logger import RESULTS_FILE
+from vitexp.logger import METRICS_FILE, RESULTS_FILE, read_jsonl
 from vitexp.rundir import FAILED_FILE, HYDRA_DIR, LOCK_FILE
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -126,3 +127,21 @@ def failure_line(job: Job) -> str:
         "started": "no result; last.pt holds its progress, a relaunch resumes it",
         "running": "still running in another process",
     }.get(job_state(job), f"no result ({job_state(job)})")
+
+
+def stopped(job: Job) -> bool:
+    """A stop signal ended the job after a checkpoint: a relaunch resumes it (`RunDir.record_failure`)."""
+    path = job.directory / FAILED_FILE
+    return path.exists() and json.loads(path.read_text()).get("stopped", False)
+
+
+def objective(job: Job, metric: str, direction: str) -> float | None:
+    """A finished job's best value of `metric` over its validation epochs (the largest when maximising), as an
+    Optuna search scores the trial; None before it finished. NaN when any epoch's value is not finite: a run
+    that diverged is a failed trial, not a score."""
+    if job_state(job) != "done":
+        return None
+    values = [row[metric] for row in read_jsonl(job.directory / METRICS_FILE) if row.get(metric) is not None]
+    if not values or not all(math.isfinite(value) for value in values):
+        return math.nan
+    return max(values) if direction == "maximize" else min(values)

@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp import search_report
 from vitexp.cells import (
     CLASSIC,
     MAX_FACETS,
@@ -247,7 +248,7 @@ def selected_on_test(cells: list[Cell]) -> bool:
     return any(cell.selected_on_test() for cell in cells)
 
 
-def markdown(layout: Layout, cells: list[Cell]) -> str:
+def markdown(layout: Layout, cells: list[Cell], search: list[str] | None = None) -> str:
     columns, averages, stopping, probes = layout.columns, averages_in(cells), stopped_early(cells), probes_in(cells)
     names = [*columns, "params", "val acc", *(name for _, name in METRICS), *(name for name, _ in averages)]
     names += [name for _, name in probes]
@@ -280,7 +281,7 @@ def markdown(layout: Layout, cells: list[Cell]) -> str:
         "Mean ± std over seeds (n: the seeds finished; accuracy in %). Val acc is that of each seed's best epoch, "
         "which is tested; ★ marks the cell of the best val acc, the one to select (test accuracy selects nothing)."
     )
-    out = ["# Sweep report", "", intro, "", *lines]
+    out = ["# Sweep report", "", *(search or []), *(["## Every run", ""] if search else []), intro, "", *lines]
     label = {id(cell): ", ".join(f"{key}={show(cell.setting[key])}" for key in columns) for cell in cells}
     if best is not None:
         out += [
@@ -379,13 +380,15 @@ def pivots(cells: list[Cell], rows: str, cols: str, facet_keys: list[str]) -> li
 
 def write_report(sweep_dir: Path, jobs: list[Job], defaults: dict[str, Any], aug: str | None = None) -> Report:
     layout, cells = collect(jobs, defaults)
+    search, search_plots = search_report.write(sweep_dir)
+    layout.sampled = bool(search)
     report = Report(
         sweep_dir, cells, sweep_dir / "report.md", sweep_dir / "report.csv", sweep_dir / "runs.csv", [], layout
     )
-    report.markdown.write_text(markdown(layout, cells))
+    report.markdown.write_text(markdown(layout, cells, search))
     write_csv(report.csv, report.table_rows(), report.columns())
     write_csv(report.runs, report.run_rows(), report.run_columns())
-    report.plots = plot(layout, cells, sweep_dir, aug)
+    report.plots = search_plots + plot(layout, cells, sweep_dir, aug)
     return report
 
 

@@ -8,14 +8,17 @@ single run) or a record in the job's directory (a sweep job), so a sweep always 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import UncompletedJobError
 
@@ -23,7 +26,10 @@ from vitexp.averaging import averaging_hooks
 from vitexp.checkpoint import BEST_FILE, CheckpointError
 from vitexp.cluster import EXIT_STOPPED, StopSignals, in_submitit_job, resume_command
 from vitexp.config import GROUPS, SINK_GROUP, Config, ConfigError, validate
+from vitexp.device import select_device
+from vitexp.distributed import ProcessGroup
 from vitexp.engine import Hook, NonFiniteError, Trainer
+from vitexp.feed import local_batch_size
 from vitexp.figures import figure_hooks
 from vitexp.logger import RESULTS_FILE, MetricsFileError, RunIdentity, Sinks
 from vitexp.models import PretrainedWeightsError
@@ -52,23 +58,72 @@ def run(
 
     `hydra_root` is Hydra's own config, recorded in `.hydra/` beside the run's. Returns the results, or
     {} when a stop signal ended the run after a checkpoint.
+
+    On several processes (torchrun, or a SLURM job of several tasks) every rank calls this, and rank 0 alone
+    touches the directory: it takes the lock, checks, records and logs there, and tells the other ranks what it
+    found (a finished run, a checkpoint to resume, or the error that refuses the run), so they never wait for a
+    rank that has given up. They train in rank 0's directory (its time-stamped default may name another second).
     """
     typed = validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    directory = RunDir(run_dir)
-    with directory.locked():
-        done = directory.finished(config)
-        if done is not None:
-            log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
-            return done
-        state = directory.resumable(config)
-        directory.record_config(cfg, hydra_root)
-        with directory.logging_to(hydra_root.hydra.job.name if hydra_root is not None else "train"):
-            for warning in typed.warnings():
-                log.warning("%s", warning)
-            directory.clear_failure()
-            return _train(typed, directory, config, identity, stop, state)
+    group = ProcessGroup.from_env()
+    device = group.device(select_device(typed.trainer.device))
+    check_ranks(typed, group, device)
+    with group.started(device):
+        directory = RunDir(group.from_main(run_dir))
+        if not group.is_main:
+            if directory.path != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # the empty directory Hydra made of this rank's own clock
+            return _follow(typed, directory, config, identity, stop, group)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(directory.locked())
+                done = directory.finished(config)
+                decision = ("done", done) if done is not None else ("train", directory.resumable(config))
+            except Exception as err:  # a refusal: the other ranks raise it too, rather than wait for rank 0
+                group.from_main(("error", err))
+                raise
+            group.from_main(decision)
+            if done is not None:
+                log.info("%s already finished (test acc %.4f); not training again", run_dir, done["test"]["acc"])
+                return done
+            directory.record_config(cfg, hydra_root)
+            with directory.logging_to(hydra_root.hydra.job.name if hydra_root is not None else "train"):
+                for warning in typed.warnings():
+                    log.warning("%s", warning)
+                directory.clear_failure()
+                return _train(typed, directory, config, identity, stop, decision[1], group)
+
+
+def check_ranks(typed: Config, group: ProcessGroup, device: torch.device) -> None:
+    """Refuse, on every rank and before the directory is touched, what the ranks cannot run."""
+    local_batch_size(typed.data.batch_size, group.world_size)
+    if group.active and typed.trainer.sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA: torch's SyncBatchNorm does not run on the CPU")
+
+
+def _follow(
+    typed: Config,
+    directory: RunDir,
+    config: dict[str, Any],
+    identity: RunIdentity,
+    stop: StopSignals | None,
+    group: ProcessGroup,
+) -> dict[str, Any]:
+    """A rank other than 0: do what rank 0 decided, and train beside it without touching the directory."""
+    decision, value = group.from_main(None)
+    if decision == "error":
+        raise value
+    if decision == "done":
+        return value
+    vitexp_log = logging.getLogger("vitexp")
+    level = vitexp_log.level
+    vitexp_log.setLevel(max(level, logging.WARNING))  # rank 0 tells the progress; the others only what goes wrong
+    try:
+        return _train(typed, directory, config, identity, stop, value, group)
+    finally:
+        vitexp_log.setLevel(level)
 
 
 def _train(
@@ -78,17 +133,26 @@ def _train(
     identity: RunIdentity,
     stop: StopSignals | None,
     state: dict[str, Any] | None,
+    group: ProcessGroup,
 ) -> dict[str, Any]:
-    hooks = [*averaging_hooks(typed), *stopping_hooks(typed), *probe_hooks(typed), *figure_hooks(typed)]
-    hooks += [*samples_hooks(typed), RunClock()]
-    trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=launcher_cpus())
-    sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
+    hooks = [*averaging_hooks(typed), *stopping_hooks(typed), *probe_hooks(typed)]
+    if group.is_main:  # pictures of the run, drawn alone into its directory
+        hooks += [*figure_hooks(typed), *samples_hooks(typed)]
+    hooks.append(RunClock())
+    cpus = launcher_cpus()
+    trainer = Trainer(typed, directory.path, config, identity.choices, stop, hooks, launcher_cpus=cpus, group=group)
+    if group.is_main:
+        sinks = Sinks.build(typed.logger, directory.path, config, identity, params=trainer.params)
+    else:
+        sinks = Sinks([])
     try:
-        results = trainer.fit(sinks, state)
+        results = group.from_main(trainer.fit(sinks, state))  # every rank returns rank 0's results
     except BaseException:
         sinks.finish(exit_code=1)
         raise
     sinks.finish(exit_code=0)
+    if not group.is_main:
+        return results
     if results:  # finished: results.json exists, nothing will resume from the checkpoints
         for path, keep, key in (
             (directory.last, typed.trainer.keep_last, "keep_last"),
@@ -133,14 +197,16 @@ def launcher_cpus() -> int | None:
 
 
 def identity_from_hydra(hydra_cfg: DictConfig) -> RunIdentity:
-    """The run's group choices and overrides; a sweep job also its sweep's name and directory."""
+    """The run's group choices and overrides; a sweep job also its sweep's name (or its search space's) and
+    directory."""
     from hydra.types import RunMode
 
     chosen = hydra_cfg.runtime.choices
     choices = {group: str(chosen[group]) for group in (*GROUPS, SINK_GROUP) if group in chosen}
     identity = RunIdentity(choices, list(hydra_cfg.overrides.task))
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        identity.sweep_name, identity.sweep_dir = chosen.get("sweep"), Path(hydra_cfg.sweep.dir)
+        search = f"search_{chosen['search']}" if chosen.get("search") else None  # hparams_search=optuna +search=...
+        identity.sweep_name, identity.sweep_dir = chosen.get("sweep") or search, Path(hydra_cfg.sweep.dir)
     return identity
 
 
@@ -178,12 +244,25 @@ def main(cfg: DictConfig) -> float:
         try:
             if not multirun:
                 check_single_run(cfg, hydra_cfg)
+            join_submitit_tasks()
             results = run(cfg, directory.path, identity_from_hydra(hydra_cfg), stop, hydra_root)
         except Exception as err:
             return failed(err, directory, multirun)
         if not results:
             return stopped(stop, directory, multirun)
     return float(results["best_val"]["acc"])
+
+
+def join_submitit_tasks() -> None:
+    """A SLURM job of several tasks (`hydra.launcher.tasks_per_node`) is one run on several ranks: submitit knows
+    the rendezvous (the first node, a port of the job id) and exports it as torchrun would."""
+    if not in_submitit_job() or "RANK" in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def failed(err: Exception, directory: RunDir, multirun: bool) -> float:
@@ -199,7 +278,7 @@ def failed(err: Exception, directory: RunDir, multirun: bool) -> float:
         log.error("%s", err)
     else:
         log.exception("job failed")
-    if not isinstance(err, RunConflictError):
+    if not isinstance(err, RunConflictError) and ProcessGroup.from_env().is_main:
         last_line = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         directory.record_failure(f"{type(err).__name__}: {last_line}")
     return math.nan
@@ -221,13 +300,18 @@ def stopped(stop: StopSignals, directory: RunDir, multirun: bool) -> float:
             directory.record_failure(f"{message}; not requeued: {err}", stopped=True)
             return math.nan
     if multirun:
-        directory.record_failure(
-            f"{message}: relaunching the sweep (with its hydra.sweep.dir) resumes it", stopped=True
-        )
+        if ProcessGroup.from_env().is_main:
+            directory.record_failure(
+                f"{message}: relaunching the sweep (with its hydra.sweep.dir) resumes it", stopped=True
+            )
         if in_submitit_job():
             sys.exit(EXIT_STOPPED)
         return math.nan
-    resume = resume_command("hydra.run.dir", directory.path)
+    group = ProcessGroup.from_env()
+    if not group.is_main:  # rank 0 says how to resume
+        sys.exit(EXIT_STOPPED)
+    program = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', group.world_size)}"]
+    resume = resume_command("hydra.run.dir", directory.path, program if group.active else ["python"])
     log.warning("%s. Resume with: %s", message, resume)
     print(f"{message}. Resume with:\n  {resume}", file=sys.stderr)
     sys.exit(EXIT_STOPPED)

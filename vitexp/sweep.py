@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
-from vitexp.config import config_diff, config_hash, semantic_config, validate
+from vitexp.config import SEARCH_METRICS, SearchConfig, config_diff, config_hash, semantic_config, validate
 from vitexp.jobs import Job, expected_jobs, failure_line, job_state, search_space, sweep_jobs, varying_keys
 from vitexp.launcher import first_line
 from vitexp.logger import RunIdentity, Sinks, write_json
@@ -89,6 +89,24 @@ def check_search_space(hydra_cfg: DictConfig) -> tuple[list[str], list[str]]:
     return problems, list(warnings)
 
 
+def check_objective(config: DictConfig) -> list[str]:
+    """An Optuna search has one objective, improved the way its metric improves: Optuna minimises by default, and
+    minimising an accuracy (or maximising a loss) would search for the worst trial."""
+    sweeper = config.hydra.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return []
+    metric = OmegaConf.select(config, "hparams_search.metric", default=SearchConfig.metric)
+    direction = sweeper.get("direction")
+    direction = getattr(direction, "name", direction)  # Optuna's schema default is an enum, Direction.minimize
+    expected = SEARCH_METRICS.get(metric)
+    if expected is None or direction == expected:
+        return []
+    return [
+        f"hydra.sweeper.direction={direction} would search for the worst {metric}: set hydra.sweeper.direction="
+        f"{expected} (hparams_search.direction={expected} with hparams_search=optuna)"
+    ]
+
+
 def print_jobs(jobs: list[Job]) -> None:
     print(f"{len(jobs)} jobs")
     print(f"{'#':>4}  {'state':8}  {'directory':40}  overrides")
@@ -147,6 +165,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = expected_jobs(config.hydra, sweep_dir)
         problems, warnings = check_jobs(jobs) if jobs is not None else check_search_space(config.hydra)
+        problems += check_objective(config)
         if problems:
             print(
                 f"error: nothing was launched; fix these {'jobs' if jobs is not None else 'values'} first:",

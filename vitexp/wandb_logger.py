@@ -95,14 +95,23 @@ def run_tags(user_tags: Sequence[str], config: dict[str, Any], identity: RunIden
     return list(dict.fromkeys(tag for tag in [*user_tags, *facts, sweep_label(identity)] if tag))
 
 
-def wandb_config(config: dict[str, Any], choices: dict[str, str], params: int | None) -> dict[str, Any]:
+def wandb_config(
+    config: dict[str, Any], choices: dict[str, str], params: int | None, trial: int | None = None
+) -> dict[str, Any]:
     """The run's config with the named groups also as plain option names, so W&B's table can filter on
-    `aug == cutmix` while `aug_config` keeps the full settings."""
+    `aug == cutmix` while `aug_config` keeps the full settings; an Optuna search's trial number as `trial`."""
     if not config:
         return {}
     shown = config | {f"{group}_config": config[group] for group in NAMED_GROUPS}
     shown |= {group: choices.get(group, config[group]["name"]) for group in NAMED_GROUPS}
+    shown |= {"trial": trial} if trial is not None else {}
     return shown | ({"params": params} if params is not None else {})
+
+
+def search_trial(config: dict[str, Any], directory: Path, identity: RunIdentity) -> int | None:
+    """The trial number of a job of `hparams_search=optuna`: its job number, the name of its directory."""
+    searching = config.get("hparams_search") and identity.sweep_dir is not None
+    return int(directory.name) if searching and directory.name.isdigit() else None
 
 
 class WandbSink(Sink):
@@ -122,7 +131,7 @@ class WandbSink(Sink):
             notes=cfg.notes,
             name=run_name(identity, sweep_varying_keys(identity.sweep_dir)),
             job_type=job_type,
-            config=wandb_config(config, identity.choices, params),
+            config=wandb_config(config, identity.choices, params, search_trial(config, directory, identity)),
             dir=str(directory),
         )
         for epoch_metrics in ("train/*", "val/*", "val_ema/*", "val_swa/*"):
