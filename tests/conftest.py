@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -154,3 +155,19 @@ def pets_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "data"
     write_pets_tree(root)
     yield root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist several test processes share the CPUs: each trains (and lets its subprocesses train)
+    on one thread, so they do not oversubscribe the cores and slow each other down."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the local SLURM cluster run one after another on one worker (`--dist loadgroup`): its few
+    nodes are shared, and a sweep waiting for another test's jobs would only add to the wall time."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

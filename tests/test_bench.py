@@ -75,8 +75,13 @@ def test_bench_measures_the_cifar10_recipe_as_shipped(tmp_path: Path) -> None:
     assert row
     shipped, startup, resident, hours = (float(value.replace(",", "")) for value in row.groups())
     assert shipped > 0 and resident > 0 and hours > 0 and startup >= 0
-    steps_per_epoch = 50_000 // 128  # CIFAR-10's training images in the recipe's batches of 128
-    assert hours == pytest.approx(200 * (steps_per_epoch * 128 / shipped + startup) / 3600, rel=0.05, abs=0.01)
+    images = 50_000 // 128 * 128  # CIFAR-10's training images in the recipe's batches of 128
+
+    def hours_at(speed: float, start: float) -> float:
+        return 200 * (images / speed + start) / 3600
+
+    # the table rounds img/s to a whole number and the start-up to 0.01 s: slow CPUs make that a few per cent
+    assert hours_at(shipped + 0.5, startup - 0.005) - 0.005 <= hours <= hours_at(shipped - 0.5, startup + 0.005) + 0.005
 
 
 def test_mfu_counts_the_flops_of_any_model() -> None:
