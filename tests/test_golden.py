@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TINY
 from vitexp import checkpoint, run
@@ -42,5 +43,9 @@ def test_a_run_trains_the_recorded_weights(make_cfg, tmp_path: Path, name: str) 
     overrides = [o for o in RUNS[name] if not o.startswith("model=")]
     model = [o for o in RUNS[name] if o.startswith("model=")]
     base = [o for o in BASE if not (model and o.startswith("model."))]
-    run.run(make_cfg(*model, *base, *overrides), tmp_path / "run", RunIdentity({}))
+    threads = torch.get_num_threads()
+    try:
+        run.run(make_cfg(*model, *base, *overrides), tmp_path / "run", RunIdentity({}))
+    finally:  # the run set two threads: give this test process back its own (one under pytest-xdist)
+        torch.set_num_threads(threads)
     assert fingerprint(checkpoint.load(tmp_path / "run" / "last.pt")["model"]) == FINGERPRINTS[name]

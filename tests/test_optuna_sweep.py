@@ -146,6 +146,31 @@ def test_a_killed_search_relaunched_continues_its_study_to_n_trials(tmp_path: Pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(study_of(sweep_dir).trials) == 4 and job_results(sweep_dir) == results
 
+    other = ["hparams_search.metric=val/loss", "hparams_search.direction=minimize"]
+    refused = subprocess.run([*args, *other], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert "searches for the best val/acc (maximize), not val/loss (minimize): a relaunch continues" in refused.stderr
+
+
+def test_a_stopped_search_asks_no_more_trials_until_relaunched(tmp_path: Path) -> None:
+    """USR2 stops the trial training in the sweep's process at a checkpoint; the trial stays RUNNING for the
+    relaunch, and the search does not sample the rest of its trials blind while none can run."""
+    from optuna.trial import TrialState
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_command(sweep_dir, "hparams_search=optuna", "+search=digits", "hydra.sweeper.n_trials=3")
+    launcher = subprocess.Popen(
+        [*args, "trainer.epochs=6"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (sweep_dir / "0" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGUSR2)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 75, stderr[-3000:]
+    assert [t.state for t in study_of(sweep_dir).trials] == [TrialState.RUNNING]
+    assert json.loads((sweep_dir / "0" / "failed.json").read_text())["stopped"] is True
+
 
 def test_a_search_on_val_loss_minimises_it_and_its_best_command_reruns_the_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"

@@ -308,6 +308,11 @@ class Config:
         for _, option in options_in(self):
             yield from option.rules_in(self)
         yield from self.trainer.rules_in(self)
+        metric = self.hparams_search.metric if self.hparams_search is not None else None
+        if metric == "val_ema/acc":
+            yield "trainer.ema_decay", self.trainer.ema_decay > 0, "> 0: hparams_search.metric=val_ema/acc needs an EMA"
+        if metric == "val_swa/acc":
+            yield "trainer.swa_start", self.trainer.swa_start is not None, "an epoch: hparams_search.metric=val_swa/acc"
 
     def warnings(self) -> Iterator[str]:
         """Legal but probably unintended settings: worth a line in the log, not a refusal."""

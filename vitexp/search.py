@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,14 +49,23 @@ class SearchSweeper(OptunaSweeperImpl):
             direction=self.direction_name,
             load_if_exists=True,
         )
+        if "metric" not in study.user_attrs:  # what a relaunch must optimise too: `sweep.check_objective`
+            study.set_user_attr("metric", self.metric)
         self.sweep_path = Path(self.config.hydra.sweep.dir)
         left = [trial for trial in study.trials if trial.state == TrialState.RUNNING]
+        unfinished = 0
         if left:
             log.info("resuming trials %s, left running by an earlier launch", ", ".join(str(t.number) for t in left))
-            self.run_trials(study, left, [self.overrides(trial.params, fixed) for trial in left])
-        while (to_go := self.n_trials - len(study.trials)) > 0 and not self.too_many_failures(study):
+            unfinished = self.run_trials(study, left, [self.overrides(trial) for trial in left])
+        # A trial that did not finish (stopped, or its job lost) ends the asking: the relaunch resumes it first,
+        # and new trials are sampled knowing its value, not drawn blind while nothing finishes.
+        while not unfinished and (to_go := self.n_trials - len(study.trials)) > 0 and not self.too_many_failures(study):
             asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
-            self.run_trials(study, asked, self._configure_trials(asked, distributions, fixed))
+            unfinished = self.run_trials(study, asked, self._configure_trials(asked, distributions, fixed))
+        if unfinished:
+            log.warning(
+                "%d trial(s) did not finish: no more were asked; relaunching the search resumes them", unfinished
+            )
         self.write_results(study)
 
     def space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any]]:
@@ -71,39 +81,48 @@ class SearchSweeper(OptunaSweeperImpl):
         return distributions, fixed
 
     @staticmethod
-    def overrides(params: dict[str, Any], fixed: dict[str, Any]) -> tuple[str, ...]:
-        """A trial's overrides, written as `_configure_trials` wrote them when the trial was first launched."""
-        return tuple(f"{name}={value}" for name, value in {**params, **fixed}.items())
+    def overrides(trial: FrozenTrial) -> tuple[str, ...]:
+        """A trial's overrides as `_configure_trials` wrote them when it was first launched: its sampled parameters,
+        then the fixed ones it ran with (kept in its user attributes), whatever this launch's command line says."""
+        return tuple(f"{name}={value}" for name, value in {**trial.params, **trial.user_attrs}.items())
 
-    def run_trials(self, study: optuna.Study, trials: Sequence[Trial | FrozenTrial], overrides: Sequence[Any]) -> None:
-        """Launch the trials (job number = trial number, so consecutive numbers go out together) and tell the study
-        what each job's directory says."""
+    def run_trials(self, study: optuna.Study, trials: Sequence[Trial | FrozenTrial], overrides: Sequence[Any]) -> int:
+        """Launch the trials (job number = trial number, so consecutive numbers go out together), tell the study
+        how each ended, and return how many did not finish."""
         batch: list[int] = []
+        unfinished = 0
         for index, trial in enumerate(trials):
             if batch and (trial.number != trials[batch[-1]].number + 1 or len(batch) == self.n_jobs):
-                self.launch_and_tell(study, [trials[i] for i in batch], [overrides[i] for i in batch])
+                unfinished += self.launch_and_tell(study, [trials[i] for i in batch], [overrides[i] for i in batch])
                 batch = []
             batch.append(index)
         if batch:
-            self.launch_and_tell(study, [trials[i] for i in batch], [overrides[i] for i in batch])
+            unfinished += self.launch_and_tell(study, [trials[i] for i in batch], [overrides[i] for i in batch])
+        return unfinished
 
-    def launch_and_tell(self, study: optuna.Study, trials: list[Trial | FrozenTrial], overrides: list[Any]) -> None:
-        self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-        for trial in trials:
+    def launch_and_tell(self, study: optuna.Study, trials: list[Trial | FrozenTrial], overrides: list[Any]) -> int:
+        """Tell each trial's objective, read from its directory once its job returned a result (the best val acc:
+        a job that found its directory holding another run returns NaN and finds old results there). A job that
+        stopped at a checkpoint, was lost or never started stays RUNNING for the relaunch; returns their count."""
+        returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        unfinished = 0
+        for trial, ret in zip(trials, returns, strict=True):
             job = Job(trial.number, [], self.sweep_path / str(trial.number))
-            value = objective(job, self.metric, self.direction_name)
-            if value is None:
-                if stopped(job) or job_state(job) in ("running", "started", "new"):
-                    log.warning("trial %d did not finish: a relaunch of the search resumes it", trial.number)
-                    continue  # left RUNNING in the study
-                study.tell(trial.number, state=TrialState.FAIL)
-                log.warning("trial %d failed: it counts as a failed trial", trial.number)
-            elif value != value:  # NaN: the run diverged
-                study.tell(trial.number, state=TrialState.FAIL)
-                log.warning("trial %d failed: %s was not finite", trial.number, self.metric)
+            value = objective(job, self.metric, self.direction_name) if math.isfinite(returned(ret)) else None
+            if value is None and (stopped(job) or job_state(job) in ("running", "started", "new")):
+                log.warning("trial %d did not finish: a relaunch of the search resumes it", trial.number)
+                unfinished += 1
+            elif value is None or not math.isfinite(value):
+                tell(study, trial.number, None, TrialState.FAIL)
+                log.warning(
+                    "trial %d failed (%s): told as failed",
+                    trial.number,
+                    "no result" if value is None else f"{self.metric} not finite",
+                )
             else:
-                study.tell(trial.number, value)
+                tell(study, trial.number, value, TrialState.COMPLETE)
                 log.info("trial %d: %s %.4f", trial.number, self.metric, value)
+        return unfinished
 
     def too_many_failures(self, study: optuna.Study) -> bool:
         """More than `max_failure_rate` of `n_trials` failed: whatever fails them (a broken data path, a space
@@ -135,3 +154,20 @@ class SearchSweeper(OptunaSweeperImpl):
         }
         OmegaConf.save(OmegaConf.create(results), self.sweep_path / "optimization_results.yaml")
         log.info("best trial %d: %s %.4f with %s", best.number, self.metric, best.value, best.params)
+
+
+def returned(ret: Any) -> float:
+    """What a job's task returned (the best validation accuracy; NaN when it did not finish), NaN if it raised."""
+    try:
+        return float(ret.return_value)
+    except Exception:  # the job's own exception, re-raised by JobReturn: its directory's failed.json tells it
+        return math.nan
+
+
+def tell(study: optuna.Study, number: int, value: float | None, state: TrialState) -> None:
+    """`study.tell`, which records the trial before a GridSampler, its grid done, raises that the study is over."""
+    try:
+        study.tell(number, value, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise

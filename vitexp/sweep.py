@@ -99,12 +99,34 @@ def check_objective(config: DictConfig) -> list[str]:
     direction = sweeper.get("direction")
     direction = getattr(direction, "name", direction)  # Optuna's schema default is an enum, Direction.minimize
     expected = SEARCH_METRICS.get(metric)
-    if expected is None or direction == expected:
-        return []
-    return [
-        f"hydra.sweeper.direction={direction} would search for the worst {metric}: set hydra.sweeper.direction="
-        f"{expected} (hparams_search.direction={expected} with hparams_search=optuna)"
-    ]
+    if expected is not None and direction != expected:
+        return [
+            f"hydra.sweeper.direction={direction} would search for the worst {metric}: set hydra.sweeper.direction="
+            f"{expected} (hparams_search.direction={expected} with hparams_search=optuna)"
+        ]
+    began = study_objective(str(sweeper.get("storage") or ""), sweeper.get("study_name"))
+    if began is not None and began != (metric, direction):
+        return [
+            f"the study {sweeper.study_name} in {sweeper.storage} searches for the best {began[0]} ({began[1]}), "
+            f"not {metric} ({direction}): a relaunch continues a study as it began; start another search "
+            "(another hydra.sweep.dir or hydra.sweeper.study_name) for another objective"
+        ]
+    return []
+
+
+def study_objective(storage: str, study_name: str | None) -> tuple[str, str] | None:
+    """(metric, direction) of an existing study in an SQLite file, None when there is none yet (never creating the
+    file: connecting to a missing database would)."""
+    path = Path(storage.removeprefix("sqlite:///"))
+    if not storage.startswith("sqlite:///") or not path.exists():
+        return None
+    import optuna  # seconds to import: only when a search is relaunched
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # another study's file
+        return None
+    return study.user_attrs.get("metric", SearchConfig.metric), study.direction.name.lower()
 
 
 def print_jobs(jobs: list[Job]) -> None:
