@@ -137,3 +137,20 @@ def test_relaunch_after_killing_the_sweep_skips_finished_jobs_and_resumes_the_re
     assert (sweep_dir / "0" / "last.pt").stat().st_mtime_ns == finished
     assert "resumed from" in (sweep_dir / "1" / "train.log").read_text()
     assert logged_epochs(metrics) == list(range(1, 151))
+
+
+def test_an_optuna_search_runs_its_trials_as_slurm_jobs_two_at_a_time(tmp_path: Path) -> None:
+    """hparams_search=optuna through the SLURM launcher: each batch of n_jobs trials is one array, each trial's value
+    the best validation accuracy its job logged."""
+    import optuna
+
+    sweep_dir = tmp_path / "sweep"
+    search = ["hparams_search=optuna", "+search=digits", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"]
+    result = slurm_sweep(sweep_dir, *search, "trainer.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    results = job_results(sweep_dir)
+    assert [t.number for t in study.trials] == sorted(results) == [0, 1]
+    assert [t.value for t in study.trials] == [results[n]["best_val"]["acc"] for n in (0, 1)]
+    logs = sorted((sweep_dir / ".submitit").glob("*_*/*_log.out"))
+    assert len(logs) == 2 and len({p.parent.name.split("_")[0] for p in logs}) == 1  # one array of two
