@@ -150,6 +150,22 @@ def test_a_signal_to_one_rank_stops_every_rank_and_the_run_resumes_on_two_or_one
     assert logged_epochs(on_one / "metrics.jsonl") == [1, 2, 3, 4]
 
 
+def test_random_draws_resume_on_each_rank_exactly(tmp_path: Path) -> None:
+    """CutMix and dropout draw differently on each rank; a run stopped mid-epoch and resumed on two ranks draws on
+    from each rank's saved generators, so it trains exactly the weights of the uninterrupted run."""
+    drawn = [*BASE, "aug=cutmix", "model.dropout=0.1", "trainer.epochs=3"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    process = torchrun(stopped, wait=False, base=drawn)
+    wait_for_epochs(stopped / "metrics.jsonl", 1)
+    os.kill(rank_pid(stopped, 1), signal.SIGUSR2)
+    process.communicate(timeout=300)
+    assert torchrun(whole, base=drawn).returncode == 0
+    assert checkpoint.load(stopped / "last.pt")["progress"]["epoch"] < 3
+    resumed = torchrun(stopped, base=drawn)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_difference(weights(stopped), weights(whole)) == 0.0
+
+
 COLLECTIVES = """
 import sys, torch
 from torch import nn

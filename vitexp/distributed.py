@@ -23,7 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 T = TypeVar("T")
-TIMEOUT = timedelta(minutes=30)  # a rank that waits this long for the others fails instead of hanging forever
+# A rank that waits this long for the others fails instead of hanging: longer than anything rank 0 does alone
+# between two collectives (a checkpoint, the figures), short enough that a rank 0 that failed there (its files,
+# W&B) costs its job's GPUs minutes, not an hour.
+TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
