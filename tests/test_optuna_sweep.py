@@ -121,6 +121,9 @@ def test_a_killed_search_relaunched_continues_its_study_to_n_trials(tmp_path: Pa
         assert val_metric(run_dir, "epoch") == [1, 2, 3]
     for number in (0, 1):
         assert "resumed from" in (sweep_dir / str(number) / "train.log").read_text()
+    for number in range(4):  # n_jobs=2 at a time on 2 CPUs: one each, in every batch
+        log = (sweep_dir / str(number) / "train.log").read_text()
+        assert "CPU budget 1 (hydra.launcher.cpus_per_task): 1 torch thread(s)" in log
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert best.best_value == max(r["best_val"]["acc"] for r in results.values()) == study.best_value
     assert best.best_trial == study.best_trial.number and best.metric == "val/acc"

@@ -248,15 +248,17 @@ class LocalLauncher(WaitingLauncher, plugin.LocalLauncher):
         assert self.config is not None
         launcher = self.config.hydra.launcher
         if launcher.get("cpus_per_task") is None:
-            share = max(1, available_cpus() // len(job_overrides))
+            # an Optuna search launches batches of up to n_jobs trials (its first, of resumed trials, may be smaller)
+            at_once = max(len(job_overrides), self.config.hydra.sweeper.get("n_jobs") or 0)
+            share = max(1, available_cpus() // at_once)
             # each job composes its config again from the command line's hydra overrides: add this one to them
             with open_dict(self.config), read_write(self.config):
                 launcher.cpus_per_task = share
                 self.config.hydra.overrides.hydra.append(f"hydra.launcher.cpus_per_task={share}")
             log.info(
-                "submitit_local runs all %d jobs at once: %d of %d CPUs each (set hydra.launcher.cpus_per_task to "
+                "submitit_local runs up to %d jobs at once: %d of %d CPUs each (set hydra.launcher.cpus_per_task to "
                 "change it)",
-                len(job_overrides),
+                at_once,
                 share,
                 available_cpus(),
             )
