@@ -226,3 +226,16 @@ def test_diverged_trials_fail_and_too_many_failures_stop_the_search(tmp_path: Pa
     )
     assert "3 of 3 jobs did not finish" in result.stderr and not (sweep_dir / "optimization_results.yaml").exists()
     assert "3 trials: 0 complete, 3 failed." in (sweep_dir / "report.md").read_text()
+
+
+def test_a_grid_sampler_runs_its_grid_once_and_reports_the_best(tmp_path: Path) -> None:
+    """Optuna's GridSampler ends the study when its grid is done (raising from `tell`, which the sweeper expects):
+    5 trials asked of a grid of 2 run 2."""
+    sweep_dir = tmp_path / "sweep"
+    grid = ["hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=5", "aug=choice(none,cutmix)", "trainer.epochs=1"]
+    result = sweep(sweep_dir, *OPTUNA[:2], *grid)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = job_results(sweep_dir)
+    assert sorted(results) == [0, 1] and {r["choices"]["aug"] for r in results.values()} == {"none", "cutmix"}
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert best.best_value == max(r["best_val"]["acc"] for r in results.values())
