@@ -88,12 +88,18 @@ def sweep_jobs(sweep_dir: Path, expected: list[Job] | None) -> list[Job]:
     jobs = {job.number: job for job in expected or []}
     for directory in sweep_dir.iterdir():
         if directory.is_dir() and directory.name.isdigit():
-            number, recorded = int(directory.name), directory / HYDRA_DIR / "overrides.yaml"
-            if recorded.exists():
-                jobs[number] = Job(number, [str(o) for o in OmegaConf.load(recorded)], directory)
+            number, overrides = int(directory.name), recorded_overrides(directory)
+            if overrides is not None:
+                jobs[number] = Job(number, overrides, directory)
             else:
                 jobs.setdefault(number, Job(number, [], directory))
     return [jobs[number] for number in sorted(jobs)]
+
+
+def recorded_overrides(job_dir: Path) -> list[str] | None:
+    """The overrides a job recorded when it started (`.hydra/overrides.yaml`); None before it did."""
+    recorded = job_dir / HYDRA_DIR / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else None
 
 
 def varying_keys(jobs: list[Job]) -> set[str]:

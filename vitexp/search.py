@@ -49,7 +49,7 @@ class SearchSweeper(OptunaSweeperImpl):
             direction=self.direction_name,
             load_if_exists=True,
         )
-        if "metric" not in study.user_attrs:  # what a relaunch must optimise too: `sweep.check_objective`
+        if "metric" not in study.user_attrs:  # what a relaunch must optimise too (`search_report.study_objective`)
             study.set_user_attr("metric", self.metric)
         self.sweep_path = Path(self.config.hydra.sweep.dir)
         left = [trial for trial in study.trials if trial.state == TrialState.RUNNING]

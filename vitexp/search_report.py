@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from vitexp.jobs import Job, job_state
+from vitexp.config import SearchConfig
+from vitexp.jobs import Job, job_state, recorded_overrides
 from vitexp.logger import RESULTS_FILE, write_json
 from vitexp.report_plots import _pyplot, save
-from vitexp.rundir import HYDRA_DIR
 
 if TYPE_CHECKING:  # optuna takes seconds to import: only a search's report loads it
     import optuna
@@ -53,7 +53,7 @@ class Search:
         return list(dict.fromkeys(name for trial in self.study.trials for name in trial.params))
 
     def job(self, trial: FrozenTrial) -> Job:
-        return Job(trial.number, overrides(self.sweep_dir / str(trial.number)), self.sweep_dir / str(trial.number))
+        return Job(trial.number, [], self.sweep_dir / str(trial.number))
 
     def results(self, trial: FrozenTrial) -> dict[str, Any]:
         path = self.sweep_dir / str(trial.number) / RESULTS_FILE
@@ -73,16 +73,14 @@ def load(sweep_dir: Path) -> Search | None:
     import optuna
 
     storage = f"sqlite:///{sweep_dir / STUDY_FILE}"
-    config = OmegaConf.load(sweep_dir / "multirun.yaml")
-    search = config.get("hparams_search") or {}
-    study = optuna.load_study(study_name=config.hydra.sweeper.study_name, storage=storage)
-    direction = study.direction.name.lower()
-    return Search(sweep_dir, study, search.get("metric", "val/acc"), direction)
+    study_name = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper.study_name
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    return Search(sweep_dir, study, *study_objective(study))
 
 
-def overrides(job_dir: Path) -> list[str]:
-    recorded = job_dir / HYDRA_DIR / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(recorded)] if recorded.exists() else []
+def study_objective(study: optuna.Study) -> tuple[str, str]:
+    """(metric, direction) of a study: the metric as `vitexp.search` recorded it when the study began."""
+    return study.user_attrs.get("metric", SearchConfig.metric), study.direction.name.lower()
 
 
 def rerun_command(job_overrides: list[str]) -> str:
@@ -133,7 +131,7 @@ def markdown(search: Search, plots: list[Path]) -> list[str]:
             "",
             "Rerun it on its own:",
             "",
-            f"    {rerun_command(overrides(search.sweep_dir / str(best.number)))}",
+            f"    {rerun_command(recorded_overrides(search.sweep_dir / str(best.number)) or [])}",
             "",
         ]
     names = ["trial", search.metric, *search.params, *(label for _, label, _ in TEST_METRICS), "state"]

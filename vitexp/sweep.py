@@ -17,6 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp import search_report
 from vitexp.cluster import EXIT_STOPPED, StopSignals, resume_command
 from vitexp.config import SEARCH_METRICS, SearchConfig, config_diff, config_hash, semantic_config, validate
 from vitexp.jobs import Job, expected_jobs, failure_line, job_state, search_space, sweep_jobs, varying_keys
@@ -123,10 +124,9 @@ def study_objective(storage: str, study_name: str | None) -> tuple[str, str] | N
     import optuna  # seconds to import: only when a search is relaunched
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        return search_report.study_objective(optuna.load_study(study_name=study_name, storage=storage))
     except KeyError:  # another study's file
         return None
-    return study.user_attrs.get("metric", SearchConfig.metric), study.direction.name.lower()
 
 
 def print_jobs(jobs: list[Job]) -> None:
