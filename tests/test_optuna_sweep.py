@@ -96,7 +96,7 @@ def test_a_killed_search_relaunched_continues_its_study_to_n_trials(tmp_path: Pa
 
     sweep_dir = tmp_path / "sweep"
     search = ["hparams_search=optuna", "+search=digits", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"]
-    args = sweep_command(sweep_dir, *search, "hydra/launcher=submitit_local", "trainer.epochs=3")
+    args = sweep_command(sweep_dir, *search, "hydra/launcher=submitit_local", "trainer.epochs=5")
     launcher = subprocess.Popen(
         args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -118,7 +118,7 @@ def test_a_killed_search_relaunched_continues_its_study_to_n_trials(tmp_path: Pa
         run_dir = sweep_dir / str(trial.number)
         assert trial.state == TrialState.COMPLETE and trial.value == max(val_metric(run_dir, "val/acc"))
         assert trial.params["optim.lr"] == results[trial.number]["config"]["optim"]["lr"]
-        assert val_metric(run_dir, "epoch") == [1, 2, 3]
+        assert val_metric(run_dir, "epoch") == [1, 2, 3, 4, 5]
     for number in (0, 1):
         assert "resumed from" in (sweep_dir / str(number) / "train.log").read_text()
     for number in range(4):  # n_jobs=2 at a time on 2 CPUs: one each, in every batch
